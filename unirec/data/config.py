@@ -12,9 +12,10 @@ class QueryNoise:
     max_title_words: int = 4        # then at most this many title words, in title order (people type short queries)
     genre_prob: float = 0.5         # probability that a genre word is appended
     wrong_genre_prob: float = 0.15  # given a genre word, probability that it is a genre the item does NOT have
+    broad_prob: float = 0.3         # probability of a browse query: 1-2 genre words, no title word
 
     def __post_init__(self) -> None:
-        for name in ("word_drop", "genre_prob", "wrong_genre_prob"):
+        for name in ("word_drop", "genre_prob", "wrong_genre_prob", "broad_prob"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"query_noise.{name}: must be in [0, 1], got {value}")
