@@ -1,0 +1,88 @@
+"""Shared fixtures: a real embedded Kafka broker, started the way a user starts it.
+
+* `kafka_broker` (session): `unirec.streaming.broker.start` runs noida-db on a
+  free loopback port with its run dir (pid file, log, data) in a tmp dir;
+  yields the `KafkaConfig` that points at it; stops it at the end.
+* `kafka_cfg` (per test): that config with fresh topic names (unique suffix),
+  already created, so tests sharing the broker never see each other's records.
+* `start_kafka` (per test): a factory for brokers of the test's own (restarts,
+  kills), all stopped after the test.
+"""
+from __future__ import annotations
+
+import dataclasses
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+from unirec.streaming import broker
+from unirec.streaming.config import EmbeddedBroker, KafkaConfig, KafkaTopics
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def broker_config(run_dir: Path, port: int | None = None, **kw) -> KafkaConfig:
+    """A KafkaConfig for an embedded broker on `port` (default: a free one) in `run_dir`."""
+    return KafkaConfig(
+        bootstrap_servers=f"127.0.0.1:{port or free_port()}",
+        embedded=EmbeddedBroker(run_dir=str(run_dir), start_timeout_s=30.0, stop_timeout_s=10.0),
+        **kw,
+    )
+
+
+def start_broker(run_dir: Path, attempts: int = 3) -> KafkaConfig:
+    """Start a broker on a free port; retry on another port if one was taken meanwhile."""
+    for attempt in range(attempts):
+        cfg = broker_config(run_dir)
+        try:
+            broker.start(cfg)
+            return cfg
+        except broker.BrokerError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def unique_topics(prefix: str = "") -> KafkaTopics:
+    suffix = uuid.uuid4().hex[:8]
+    return KafkaTopics(clicks=f"{prefix}clicks-{suffix}", queries=f"{prefix}queries-{suffix}",
+                       dead_letter=f"{prefix}dead-letter-{suffix}")  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory):
+    cfg = start_broker(tmp_path_factory.mktemp("kafka-broker"))
+    try:
+        yield cfg
+    finally:
+        broker.stop(cfg)
+
+
+@pytest.fixture
+def kafka_cfg(kafka_broker: KafkaConfig) -> KafkaConfig:
+    cfg = dataclasses.replace(kafka_broker, topics=unique_topics())
+    broker.ensure_topics(cfg)
+    return cfg
+
+
+@pytest.fixture
+def start_kafka(tmp_path: Path):
+    """`start_kafka(run_dir=None) -> KafkaConfig`: a broker of the test's own (for
+    restart tests; `broker.stop(cfg)` / `broker.start(cfg)` keep its port and data).
+    Every broker started this way is stopped after the test."""
+    started: list[KafkaConfig] = []
+
+    def _start(run_dir: Path | None = None) -> KafkaConfig:
+        cfg = start_broker(run_dir or tmp_path / f"kafka-{len(started)}")
+        started.append(cfg)
+        return cfg
+
+    yield _start
+    for cfg in started:
+        broker.stop(cfg)
