@@ -10,7 +10,7 @@ UNIREC := $(VENV)/bin/unirec
 TORCH_WHEELS ?= /opt/wheels
 FIND_LINKS := $(if $(wildcard $(TORCH_WHEELS)/torch-*.whl),--find-links $(TORCH_WHEELS),)
 # Debian packages the integration tests start for real.
-SYSTEM_BINS := redis-server
+SYSTEM_BINS := redis-server prometheus promtool
 
 .PHONY: run test setup system-deps lock clean
 
@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 system-deps:
 	@missing=""; for b in $(SYSTEM_BINS); do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
 	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends $$(echo $$missing | sed s/promtool/prometheus/) >/dev/null; \
 	  else echo "missing:$$missing - install them: sudo apt-get install$$missing" >&2; exit 1; fi; \
 	fi
 

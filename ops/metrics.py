@@ -1,0 +1,262 @@
+"""Every Prometheus metric of the pipeline, declared in one place, and the `/metrics` server.
+
+`PipelineMetrics(registry)` declares the metrics on a `CollectorRegistry` that
+the caller owns and passes around (never prometheus_client's global default),
+so that tests and several pipelines in one process do not share series. Names
+follow the Prometheus conventions: `unirec_` prefix, base units in the name
+(`_seconds`, `_records`, `_ratio`), counters end in `_total`.
+
+Accounting of events per `topic`. The driver reports per batch the records read
+and the (topic, reason) of every dead letter (`record_batch`); valid and applied
+counts follow, because every record read is applied or dead-lettered:
+
+    consumed = valid + dead_lettered{reason in the decode reasons}
+    valid    = applied + dead_lettered{reason="duplicate"} + dead_lettered{reason="late"}
+
+Duplicates and late events are not separate counters: they are the
+`duplicate` / `late` reasons of `unirec_events_dead_lettered_total`, so the
+counter matches the dead-letter topic record for record and nothing is counted
+twice. (Alerts on bad data exclude `duplicate`: re-delivery after a restart is
+expected under at-least-once delivery and changes nothing.)
+
+**Consumer lag** (`consumer_lag`) is `end offset - position` per topic-partition,
+where the position is the next offset the pipeline has made durable (the state
+store's offsets, which lead the Kafka-committed ones by at most one push) and
+the end offsets come from one `KafkaConsumer.end_offsets` request. It needs no
+consumer-group coordinator (the pipeline assigns partitions and never joins its
+group), so it is right on the embedded broker, whose group tooling we do not
+use. A broker that under-reports end offsets would make the lag read low but
+never negative (clamped at 0); noida-db reports them correctly.
+
+**Serving and processes.** `serve(registry, bind)` exposes `/metrics` on a
+daemon thread. In the default deployment every metric is set by the driver
+process: the Beam workers (FnApiRunner threads, Dask worker processes) hand
+their counts back in the batch outputs, and the driver records them, so one
+registry in one process is correct for every runner. If code in *several
+processes* must set metrics (e.g. a multi-process serving front end), use
+prometheus_client's multiprocess mode: set `PROMETHEUS_MULTIPROC_DIR` to an
+empty directory in the environment *before* Python starts (prometheus_client
+picks its value store at import), and serve `exposition_registry()`, which then
+aggregates every process's files (counters and histograms summed; gauges are
+declared `mostrecent`, so the last value written by any process wins). Clear
+the directory between runs, or stale files are summed in.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections import Counter as _Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server, values
+from prometheus_client.multiprocess import MultiProcessCollector
+
+DEFAULT_BIND = "127.0.0.1:9464"
+# micro-batches: tens of ms (in-process) to tens of seconds (large Beam batches)
+BATCH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# feature writes: a Feast push of one batch, ms to seconds
+WRITE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+TopicPartition = tuple[str, int]
+# dead-letter reasons of valid events rejected by the per-user merge (unirec.features.sequence)
+MERGE_REASONS = ("duplicate", "late")
+
+
+class PipelineMetrics:
+    """The metrics of one pipeline, registered on `registry` (a fresh one if None)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = self.registry = registry if registry is not None else CollectorRegistry()
+
+        def counter(name, doc, labels=()):
+            return Counter(name, doc, labels, registry=r)
+
+        def gauge(name, doc, labels=()):
+            return Gauge(name, doc, labels, registry=r, multiprocess_mode="mostrecent")
+
+        # ---- streaming ---------------------------------------------------------------------
+        self.events_consumed = counter(
+            "unirec_events_consumed_total", "Kafka records read by the pipeline.", ("topic",))
+        self.events_valid = counter(
+            "unirec_events_valid_total", "Records that decoded into a valid event.", ("topic",))
+        self.events_applied = counter(
+            "unirec_events_applied_total", "Valid events merged into user state (not duplicate, not late).",
+            ("topic",))
+        self.events_dead_lettered = counter(
+            "unirec_events_dead_lettered_total",
+            "Records routed to the dead-letter topic, by reason (decode errors, duplicate, late).",
+            ("topic", "reason"))
+        self.consumer_lag = gauge(
+            "unirec_consumer_lag_records",
+            "Records in the partition after the pipeline's durable position (end offset - position).",
+            ("topic", "partition"))
+        self.microbatch_duration = Histogram(
+            "unirec_microbatch_duration_seconds",
+            "Wall time of one micro-batch, planning to Kafka commit (path: beam | in_process).",
+            ("path",), registry=r, buckets=BATCH_BUCKETS)
+        self.feature_write_duration = Histogram(
+            "unirec_feature_write_duration_seconds",
+            "Wall time of one push to the Feast online store (kind: users | items).",
+            ("kind",), registry=r, buckets=WRITE_BUCKETS)
+
+        # ---- drift (unirec.ops.drift) -----------------------------------------------------
+        self.embedding_cosine_distance = gauge(
+            "unirec_drift_embedding_cosine_distance",
+            "Mean cosine distance of item embeddings between the last two published versions (0..2).")
+        self.embedding_neighbour_overlap = gauge(
+            "unirec_drift_embedding_neighbour_overlap_ratio",
+            "Mean overlap of each item's top-10 cosine neighbours between the last two versions (0..1).")
+        self.embedding_shared_items = gauge(
+            "unirec_drift_embedding_shared_items", "Items present in both of the last two versions.")
+        self.score_psi = gauge(
+            "unirec_drift_score_psi", "PSI of ranking scores, current window vs reference window.")
+        self.item_popularity_js = gauge(
+            "unirec_drift_item_popularity_js",
+            "Jensen-Shannon divergence (base 2, 0..1) of item popularity, current vs reference window.")
+        self.new_id_ratio = gauge(
+            "unirec_drift_new_id_ratio",
+            "Share of a window's distinct ids never seen before (0..1; entity: item | user).",
+            ("entity",))
+        self.query_terms_js = gauge(
+            "unirec_drift_query_terms_js",
+            "Jensen-Shannon divergence (base 2, 0..1) of query terms, current vs reference window.")
+        self.calibration_gap = gauge(
+            "unirec_drift_calibration_gap",
+            "Mean predicted click probability minus observed positive rate (> 0: over-confident).")
+        self.calibration_ece = gauge(
+            "unirec_drift_calibration_ece", "Expected calibration error of ranking probabilities (10 bins).")
+        if values.ValueClass is values.MutexValue:
+            # Not computed yet: NaN, not 0 (an overlap of 0 would read as total drift). Skipped
+            # in multiprocess mode, where a late-starting process would overwrite the most
+            # recent value; there the alert rules guard instead (overlap needs shared items).
+            for g in (self.embedding_cosine_distance, self.embedding_neighbour_overlap, self.score_psi,
+                      self.item_popularity_js, self.query_terms_js, self.calibration_gap, self.calibration_ece):
+                g.set(math.nan)
+
+    # ---- recording -------------------------------------------------------------------------
+    def init_topics(self, topics: Iterable[str], reasons: Iterable[str]) -> None:
+        """Create every (topic, reason) series at 0, so rates exist before the first event."""
+        reasons = tuple(reasons)
+        for t in topics:
+            for c in (self.events_consumed, self.events_valid, self.events_applied):
+                c.labels(t)
+            for reason in reasons:
+                self.events_dead_lettered.labels(t, reason)
+
+    def record_batch(self, *, seconds: float, path: str, consumed: Mapping[str, int],
+                     dead_letters: Iterable[tuple[str, str]]) -> BatchCounts:
+        """One finished micro-batch: records read per topic and (topic, reason) of every dead letter."""
+        counts = batch_counts(consumed, dead_letters)
+        self.microbatch_duration.labels(path).observe(seconds)
+        for counter, by_topic in ((self.events_consumed, counts.consumed), (self.events_valid, counts.valid),
+                                  (self.events_applied, counts.applied)):
+            for topic, n in by_topic.items():
+                counter.labels(topic).inc(n)
+        for (topic, reason), n in counts.dead_lettered.items():
+            self.events_dead_lettered.labels(topic, reason).inc(n)
+        return counts
+
+    def set_consumer_lag(self, lags: Mapping[TopicPartition, int]) -> None:
+        for (topic, partition), lag in lags.items():
+            self.consumer_lag.labels(topic, str(partition)).set(lag)
+
+    def set_embedding_drift(self, d) -> None:
+        """`d`: a `drift.EmbeddingDrift`."""
+        self.embedding_cosine_distance.set(d.mean_cosine_distance)
+        self.embedding_neighbour_overlap.set(d.neighbour_overlap)
+        self.embedding_shared_items.set(d.shared)
+
+    def set_calibration(self, c) -> None:
+        """`c`: a `drift.Calibration`."""
+        self.calibration_gap.set(c.gap)
+        self.calibration_ece.set(c.ece)
+
+    def names(self) -> set[str]:
+        """Every metric name as exposed (counters with `_total`), for checks of dashboards and rules."""
+        out = set()
+        for family in self.registry.collect():
+            out.add(family.name + "_total" if family.type == "counter" else family.name)
+        return out
+
+
+class BatchCounts(NamedTuple):
+    consumed: dict[str, int]                  # topic -> records read
+    valid: dict[str, int]                     # topic -> records that decoded
+    applied: dict[str, int]                   # topic -> valid events merged into state
+    dead_lettered: dict[tuple[str, str], int]  # (topic, reason) -> dead letters
+
+
+def batch_counts(consumed: Mapping[str, int], dead_letters: Iterable[tuple[str, str]], *,
+                 merge_reasons: tuple[str, ...] = MERGE_REASONS) -> BatchCounts:
+    """Per-topic counts of one batch from the records read and the dead letters' (topic, reason).
+
+    `valid` and `applied` follow from the accounting identity of the module docstring,
+    which the driver guarantees (every record read is applied or dead-lettered with a reason)."""
+    dead = _Counter(dead_letters)
+    unknown = {t for t, _ in dead} - set(consumed)
+    if unknown:
+        raise ValueError(f"dead_letters: topics {sorted(unknown)} have no consumed count")
+    valid, applied = {}, {}
+    for topic, n in consumed.items():
+        decode = sum(c for (t, r), c in dead.items() if t == topic and r not in merge_reasons)
+        merge = sum(c for (t, r), c in dead.items() if t == topic and r in merge_reasons)
+        if decode + merge > n:
+            raise ValueError(f"dead_letters: {decode + merge} for topic {topic!r}, which had {n} records")
+        valid[topic], applied[topic] = n - decode, n - decode - merge
+    return BatchCounts(dict(consumed), valid, applied, dict(dead))
+
+
+def consumer_lag(end_offsets: Mapping[TopicPartition, int], positions: Mapping[TopicPartition, int],
+                 beginning_offsets: Mapping[TopicPartition, int] | None = None) -> dict[TopicPartition, int]:
+    """Lag per partition of `end_offsets`: `max(0, end - position)`.
+
+    A partition without a position (never read) counts from its beginning offset
+    (0 if not given: pass `beginning_offsets` for topics with retention)."""
+    begin = beginning_offsets or {}
+    return {tp: max(0, end - positions.get(tp, begin.get(tp, 0))) for tp, end in end_offsets.items()}
+
+
+# ---- /metrics ------------------------------------------------------------------------------
+def parse_bind(bind: str) -> tuple[str, int]:
+    """'host:port' or '[ipv6]:port' -> (host, port); port 0 picks a free port."""
+    host, sep, port = bind.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"bind address {bind!r}: expected host:port, e.g. {DEFAULT_BIND!r}")
+    return host.strip("[]"), int(port)
+
+
+def exposition_registry(registry: CollectorRegistry, multiproc_dir: str | None = None):
+    """What to serve: `registry`, or in multiprocess mode (`multiproc_dir` or
+    $PROMETHEUS_MULTIPROC_DIR set) a registry aggregating every process's files."""
+    path = multiproc_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        return registry
+    merged = CollectorRegistry()
+    MultiProcessCollector(merged, path=path)
+    return merged
+
+
+@dataclass
+class MetricsServer:
+    server: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def serve(registry: CollectorRegistry, bind: str = DEFAULT_BIND) -> MetricsServer:
+    """Serve `/metrics` of `registry` (see `exposition_registry`) on `bind` from a daemon thread."""
+    host, port = parse_bind(bind)
+    server, thread = start_http_server(port, addr=host, registry=exposition_registry(registry))
+    return MetricsServer(server, thread)
