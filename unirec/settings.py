@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from unirec.data.config import DataConfig
 from unirec.features.config import FeaturesConfig
 from unirec.model.config import ModelConfig, TrainConfig
+from unirec.ops.config import RegistryConfig
 from unirec.streaming.config import KafkaConfig, StreamingConfig
 
 
@@ -18,3 +19,4 @@ class PipelineConfig:
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
