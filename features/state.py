@@ -1,0 +1,164 @@
+"""The local keyed-state store that makes the Feast writes exactly-once in effect.
+
+The micro-batch driver reads a batch of events from Kafka, merges them into the
+states it loads from here, and then calls `commit_batch(users, items, offsets)`,
+which writes in ONE SQLite transaction (WAL, synchronous=FULL, so durable when it
+returns):
+
+* the new user and item states (compact positional JSON, see `to_record`),
+* the next offset to read for every (topic, partition) the batch covers,
+* an outbox row for every user/item key whose state must still reach Feast.
+
+Then it pushes those absolute states to the online store (pushing twice writes
+the same value), calls `mark_pushed`, and only then commits the offsets to Kafka.
+After a crash anywhere in this sequence: `pending_push()` returns the states to
+push again, and `offsets()` says where to seek each partition; the states already
+include every event before those offsets and none after, so nothing is lost or
+applied twice. (Kafka's own committed offset may lag behind; it is only a
+convenience for monitoring, the store's offsets win.)
+
+Offsets never move backwards: a commit with a smaller offset than the stored one
+keeps the stored one, so a confused caller cannot make the store re-apply events.
+The outbox rows carry the id of the batch that last wrote them, and `mark_pushed`
+only clears rows written by that batch or earlier, so a push that overlaps the next
+commit cannot clear a newer, unpushed state. One writer (the driver) at a time.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unirec.features import item_stats, sequence
+from unirec.features.item_stats import ItemStats
+from unirec.features.sequence import UserSequence
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (user_id TEXT PRIMARY KEY, state TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items (item_id TEXT PRIMARY KEY, state TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS offsets (topic TEXT NOT NULL, partition INTEGER NOT NULL,
+    next_offset INTEGER NOT NULL, PRIMARY KEY (topic, partition)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbox (kind TEXT NOT NULL, key TEXT NOT NULL, batch INTEGER NOT NULL,
+    PRIMARY KEY (kind, key)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+"""
+# States are rowid tables (rows of a few KB are a poor fit for WITHOUT ROWID) updated in
+# place by an upsert, which measured ~2x faster than INSERT OR REPLACE (delete + insert).
+_UPSERT = "INSERT INTO {table} VALUES (?, ?) ON CONFLICT({key}) DO UPDATE SET state = excluded.state"
+_OUTBOX = "INSERT INTO outbox VALUES (?, ?, ?) ON CONFLICT(kind, key) DO UPDATE SET batch = excluded.batch"
+_CHUNK = 500  # ids per `IN (...)` query
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+@dataclass(frozen=True)
+class PendingPush:
+    """States committed but not yet confirmed in the online store."""
+    batch: int                                   # newest batch id among them (0 if none)
+    users: list[UserSequence] = field(default_factory=list)
+    items: list[ItemStats] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.users or self.items)
+
+
+class StateStore:
+    """SQLite-backed user/item state, source offsets and push outbox."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> StateStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _select(self, table: str, key: str, ids: Iterable[str]) -> Iterable[tuple[str, str]]:
+        ids = list(dict.fromkeys(ids))
+        for i in range(0, len(ids), _CHUNK):
+            chunk = ids[i:i + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            yield from self._db.execute(f"SELECT {key}, state FROM {table} WHERE {key} IN ({marks})", chunk)
+
+    def get_users(self, user_ids: Iterable[str]) -> dict[str, UserSequence]:
+        """Stored states of the given users that exist (missing users are absent)."""
+        loads = json.loads
+        return {u: sequence.from_record(u, loads(s)) for u, s in self._select("users", "user_id", user_ids)}
+
+    def get_items(self, item_ids: Iterable[str]) -> dict[str, ItemStats]:
+        loads = json.loads
+        return {i: item_stats.from_record(i, loads(s)) for i, s in self._select("items", "item_id", item_ids)}
+
+    def commit_batch(self, users: Iterable[UserSequence], items: Iterable[ItemStats],
+                     offsets: Mapping[tuple[str, int], int]) -> int:
+        """Atomically store states, next offsets and outbox rows; returns the batch id."""
+        user_rows = [(s.user_id, _dumps(sequence.to_record(s))) for s in users]
+        item_rows = [(s.item_id, _dumps(item_stats.to_record(s))) for s in items]
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute("SELECT value FROM meta WHERE name = 'batch'").fetchone()
+            batch = (row[0] if row else 0) + 1
+            db.execute("INSERT INTO meta VALUES ('batch', ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                       (batch,))
+            db.executemany(_UPSERT.format(table="users", key="user_id"), user_rows)
+            db.executemany(_UPSERT.format(table="items", key="item_id"), item_rows)
+            db.executemany(
+                "INSERT INTO offsets VALUES (?, ?, ?) ON CONFLICT(topic, partition) "
+                "DO UPDATE SET next_offset = max(next_offset, excluded.next_offset)",
+                [(t, p, o) for (t, p), o in offsets.items()])
+            db.executemany(_OUTBOX, [("user", u, batch) for u, _ in user_rows])
+            db.executemany(_OUTBOX, [("item", i, batch) for i, _ in item_rows])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return batch
+
+    def offsets(self) -> dict[tuple[str, int], int]:
+        """(topic, partition) -> next offset to read (everything before it is applied)."""
+        return {(t, p): o for t, p, o in self._db.execute("SELECT topic, partition, next_offset FROM offsets")}
+
+    def pending_push(self) -> PendingPush:
+        """The current states of every key in the outbox (to push again after a crash)."""
+        rows = self._db.execute("SELECT kind, key, batch FROM outbox").fetchall()
+        if not rows:
+            return PendingPush(0)
+        users = self.get_users(k for kind, k, _ in rows if kind == "user")
+        items = self.get_items(k for kind, k, _ in rows if kind == "item")
+        return PendingPush(max(b for _, _, b in rows), list(users.values()), list(items.values()))
+
+    def mark_pushed(self, user_ids: Iterable[str], item_ids: Iterable[str], *, batch: int) -> None:
+        """Clear outbox rows of these keys that were written by `batch` or earlier."""
+        rows = [("user", u, batch) for u in user_ids] + [("item", i, batch) for i in item_ids]
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("DELETE FROM outbox WHERE kind = ? AND key = ? AND batch <= ?", rows)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def counts(self) -> dict[str, int]:
+        """Row counts per table (for status output and tests)."""
+        return {t: self._db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                for t in ("users", "items", "offsets", "outbox")}
+
+    def all_users(self) -> Iterable[UserSequence]:
+        for u, s in self._db.execute("SELECT user_id, state FROM users"):
+            yield sequence.from_record(u, json.loads(s))
+
+    def all_items(self) -> Iterable[ItemStats]:
+        for i, s in self._db.execute("SELECT item_id, state FROM items"):
+            yield item_stats.from_record(i, json.loads(s))

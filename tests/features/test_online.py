@@ -1,0 +1,139 @@
+"""Feast online store: the repo applies, pushed states read back identical (SQLite, Redis)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pyarrow as pa
+import pytest
+
+from unirec.features import definitions, item_stats, online, redis_local
+from unirec.features.config import FeaturesConfig
+from unirec.features.sequence import merge
+
+WINDOWS = dict(bucket_s=3600, windows_s=(3600, 86400))
+
+
+def click(eid, user, item, ts, label=1, surface="rec", query_id=None):
+    return SimpleNamespace(event_id=eid, user_id=user, item_id=item, ts=ts, label=label,
+                           surface=surface, query_id=query_id)
+
+
+def query(eid, user, text, ts):
+    return SimpleNamespace(event_id=eid, user_id=user, query_id=eid, text=text, ts=ts)
+
+
+def states():
+    """Users with clicks and queries, one with clicks only (empty query lists)."""
+    evs = {
+        "u1": [query("q1", "u1", "star wars", 100), click("c1", "u1", "i1", 100, 1, "search", "q1"),
+               click("c2", "u1", "i2", 50, 0), click("c3", "u1", "i3", 200, 1)],
+        "u2": [click("c4", "u2", "i1", 300, 0)],
+        "ü3": [query("q2", "ü3", "ünïcode ☃", 7), click("c5", "ü3", "i9", 8)],
+    }
+    out = [merge(None, u, e, max_len=5, allowed_lateness_s=100, max_queries=3) for u, e in evs.items()]
+    clicks = [c for r in out for c in r.applied_clicks]
+    return [r.state for r in out], list(item_stats.apply({}, clicks, **WINDOWS).values())
+
+
+def cfg_for(tmp_path, **kw) -> FeaturesConfig:
+    return FeaturesConfig(repo_dir=str(tmp_path / "feast"), item_windows_s=WINDOWS["windows_s"],
+                          item_bucket_s=WINDOWS["bucket_s"], **kw)
+
+
+def test_fast_rows_are_the_rows_feast_builds_from_the_push_dataframe(tmp_path):
+    from feast.utils import _convert_arrow_to_proto
+    from feast.value_type import ValueType
+
+    cfg = cfg_for(tmp_path)
+    objs = {o.name: o for o in definitions.build(cfg)}
+    users, items = states()
+    cases = [(objs[definitions.USER_VIEW], online.user_frame(users), online.user_rows(users), "user_id"),
+             (objs[definitions.ITEM_VIEW], online.item_frame(items, cfg), online.item_rows(items, cfg), "item_id")]
+    for fv, frame, ours, key in cases:
+        theirs = _convert_arrow_to_proto(pa.Table.from_pandas(frame), fv, {key: ValueType.STRING})
+        assert len(ours) == len(theirs)
+        for (k1, f1, t1, c1), (k2, f2, t2, c2) in zip(ours, theirs):
+            assert k1.SerializeToString() == k2.SerializeToString()
+            assert {n: v.SerializeToString() for n, v in f1.items()} == \
+                   {n: v.SerializeToString() for n, v in f2.items()}
+            assert t1 == t2 and c1 is c2 is None
+
+
+def test_repo_config_is_generated_without_committed_paths(tmp_path):
+    cfg = cfg_for(tmp_path, online_store="redis", redis_connection_string="h:1,db=2")
+    root = definitions.write_repo_config(cfg)
+    text = (root / "feature_store.yaml").read_text()
+    assert "h:1,db=2" in text and "skip_dedup: true" in text and str(root) in text
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_cfg(request, tmp_path):
+    if request.param == "sqlite":
+        yield cfg_for(tmp_path)
+        return
+    server = redis_local.start(tmp_path / "redis")
+    try:
+        yield cfg_for(tmp_path, online_store="redis", redis_connection_string=server.connection_string)
+    finally:
+        server.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("write_path", ["batch", "direct", "push"])
+def test_pushed_states_read_back_identical(store_cfg, write_path):
+    store = online.OnlineStore(store_cfg, write_path=write_path)
+    store.apply()
+    store.apply()  # idempotent
+    users, items = states()
+    assert store.push_users(users) == 3 and store.push_items(items) == len(items)
+    for fast in (False, True):
+        got = store.read_users([s.user_id for s in users] + ["nobody"], fast=fast)
+        assert got == {s.user_id: s.for_serving() for s in users}
+        got_items = store.read_items([s.item_id for s in items] + ["nothing"], fast=fast)
+        assert got_items == {s.item_id: item_stats.feature_row(s, **WINDOWS) for s in items}
+
+
+@pytest.mark.integration
+def test_a_new_state_overwrites_even_when_its_event_time_did_not_move(store_cfg):
+    store = online.OnlineStore(store_cfg)
+    store.apply()
+    first = merge(None, "u", [click("a", "u", "i1", 100)], max_len=5, allowed_lateness_s=50, max_queries=2).state
+    store.push_users([first])
+    late = merge(first, "u", [click("b", "u", "i0", 90)], max_len=5, allowed_lateness_s=50, max_queries=2).state
+    assert late.watermark == first.watermark
+    store.push_users([late])
+    store.push_users([late])  # re-push after a crash: same value
+    assert store.read_users(["u"])["u"] == late.for_serving()
+    assert store.read_users(["u"])["u"].item_ids == ("i0", "i1")
+
+
+@pytest.mark.integration
+def test_pushes_are_split_into_batches(tmp_path):
+    cfg = cfg_for(tmp_path, push_batch_rows=2, read_batch_rows=2)
+    store = online.OnlineStore(cfg)
+    store.apply()
+    users, _ = states()
+    store.push_users(users)
+    assert set(store.read_users([s.user_id for s in users])) == {s.user_id for s in users}
+
+
+@pytest.mark.integration
+def test_batched_sqlite_store_writes_the_same_rows_as_feasts_store(tmp_path):
+    import sqlite3
+
+    users, items = states()
+    dumps = []
+    for batched in (False, True):
+        cfg = cfg_for(tmp_path / str(batched), sqlite_batched_writes=batched)
+        store = online.OnlineStore(cfg)
+        store.apply()
+        assert type(store.store._get_provider().online_store).__name__ == (
+            "FastSqliteOnlineStore" if batched else "SqliteOnlineStore")
+        store.push_users(users)
+        store.push_items(items)
+        store.push_users(users[:1])  # an update in place
+        db = sqlite3.connect(store.repo_path / "online_store.db")
+        tables = sorted(r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
+        dumps.append({t: sorted(db.execute(f'SELECT * FROM "{t}"').fetchall()) for t in tables})
+        db.close()
+    assert dumps[0] == dumps[1] and sum(len(rows) for rows in dumps[0].values()) > 0
