@@ -1,0 +1,188 @@
+"""Kafka -> Beam -> Feast online ingestion benchmark: throughput, latency, correctness.
+
+    .venv/bin/python bench/ingest.py                       # ML-100k + 1M generated events over 100k users
+    .venv/bin/python bench/ingest.py --events 200000 --users 20000 --latency-seconds 10
+
+Starts an embedded broker (noida-db, free port, temp dir) and a fresh SQLite Feast
+store, the way `unirec broker start` / `unirec pipeline run` do, then:
+
+1. Throughput, per source (ML-100k `events.jsonl` if prepared, and a generated
+   stream of `--events` over `--users`): all events are produced first, then the
+   driver (`streaming.driver.Driver`, default StreamingConfig: Beam FnApiRunner)
+   starts from scratch and runs until caught up. events_per_s = events / wall time
+   from the driver's first batch to its last completed Feast push.
+2. Latency: a separate producer process offers `--latency-rate` events/s (default
+   5,000) for `--latency-seconds`; the driver runs continuously. Latency of a record
+   = time its batch's Feast push completed - its Kafka timestamp (CreateTime, set
+   by the producer when it sent the record).
+3. Correctness: every user's online sequence and every item's online counts are
+   read back from Feast and compared with values computed directly from the source
+   events (`streaming.synthetic.expected`): `lost` / `duplicated` are applied
+   clicks missing / extra online (should be 0).
+
+Last stdout line: {"events", "events_per_s", "latency_p50_s", "latency_p95_s", "lost",
+"duplicated", "dead_letter", "peak_rss_mb", ...details}. `--profile FILE` writes a
+cProfile of the generated-stream throughput run.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import dataclasses
+import json
+import logging
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from unirec.features.config import FeaturesConfig
+from unirec.streaming import broker
+from unirec.streaming.config import EmbeddedBroker, KafkaConfig, KafkaTopics, StreamingConfig
+from unirec.streaming.driver import Driver
+from unirec.streaming.replay import replay
+from unirec.streaming.synthetic import compare, expected, generated_stream, source_stream
+
+ROOT = Path(__file__).resolve().parents[1]
+ML100K = ROOT / ".cache/unirec/ml-100k/events.jsonl"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fresh(kafka: KafkaConfig, tmp: Path, name: str) -> tuple[KafkaConfig, FeaturesConfig]:
+    sfx = f"{name}-{uuid.uuid4().hex[:6]}"
+    k = dataclasses.replace(kafka, topics=KafkaTopics(f"clicks-{sfx}", f"queries-{sfx}", f"dead-{sfx}"))
+    broker.ensure_topics(k)
+    f = FeaturesConfig(repo_dir=str(tmp / f"feast-{sfx}"), state_path=str(tmp / f"state-{sfx}.sqlite"))
+    return k, f
+
+
+def throughput(name: str, lines: list[bytes], kafka: KafkaConfig, scfg: StreamingConfig, tmp: Path,
+               profile: str | None) -> dict:
+    k, f = fresh(kafka, tmp, name)
+    t = time.perf_counter()
+    replay(lines, k)
+    produce_s = time.perf_counter() - t
+    reports = []
+    with Driver(k, dataclasses.replace(scfg, group_id=f"bench-{name}"), f, on_batch=reports.append) as d:
+        prof = cProfile.Profile() if profile else None
+        t0 = time.time()
+        if prof:
+            prof.enable()
+        d.run(once=True)
+        if prof:
+            prof.disable()
+            prof.dump_stats(profile)
+        seconds = max(r.pushed_at for r in reports) - t0
+        t = time.perf_counter()
+        check = compare(d.online, expected(lines, f))
+        verify_s = time.perf_counter() - t
+        dead = sum(v for key, v in d.totals.items() if key.startswith("dead_letter."))
+    phases = {p: round(sum(r.seconds.get(p, 0.0) for r in reports), 2) for p in reports[0].seconds}
+    return {"source": name, "events": len(lines), "events_per_s": round(len(lines) / seconds),
+            "seconds": round(seconds, 2), "batches": len(reports), "phase_seconds": phases,
+            "produce_s": round(produce_s, 1), "verify_s": round(verify_s, 1), "lost": check.lost,
+            "duplicated": check.duplicated, "mismatched_users": len(check.mismatched_users),
+            "mismatched_items": len(check.mismatched_items), "dead_letter": dead}
+
+
+def _produce(kafka: KafkaConfig, lines: list[bytes], rate: float) -> None:
+    replay(lines, kafka, rate=rate)
+
+
+def latency(lines: list[bytes], rate: float, kafka: KafkaConfig, scfg: StreamingConfig, tmp: Path) -> dict:
+    k, f = fresh(kafka, tmp, "latency")
+    reports = []
+    driver = Driver(k, dataclasses.replace(scfg, group_id="bench-latency"), f, on_batch=reports.append).open()
+    runner = threading.Thread(target=driver.run, daemon=True)
+    runner.start()
+    time.sleep(2.0)  # the first batch builds the Beam pipeline; measure the steady state
+    producer = mp.get_context("spawn").Process(target=_produce, args=(k, lines, rate))
+    producer.start()
+    producer.join()
+    deadline = time.time() + 60
+    while sum(r.records for r in reports) < len(lines) and time.time() < deadline:
+        time.sleep(0.1)
+    driver.stop()
+    runner.join()
+    check = compare(driver.online, expected(lines, f))
+    driver.close()
+    lat = sorted(r.pushed_at - ts / 1000.0 for r in reports for ts in r.arrival_ms)
+    q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [0.0] * 99
+    return {"source": "generated", "events": len(lines), "offered_per_s": rate, "applied": len(lat),
+            "latency_p50_s": round(q[49], 3), "latency_p95_s": round(q[94], 3), "latency_max_s": round(lat[-1], 3),
+            "batches": len(reports), "mean_batch": round(len(lat) / max(1, len(reports))),
+            "lost": check.lost, "duplicated": check.duplicated,
+            "mismatched_users": len(check.mismatched_users)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=1_000_000, help="size of the generated stream")
+    ap.add_argument("--users", type=int, default=100_000, help="users of the generated stream")
+    ap.add_argument("--items", type=int, default=5_000, help="items of the generated stream")
+    ap.add_argument("--latency-rate", type=float, default=5000.0, help="events/s offered in the latency run")
+    ap.add_argument("--latency-seconds", type=float, default=30.0, help="length of the latency run")
+    ap.add_argument("--max-batch-events", type=int, default=None, help="override streaming.max_batch_events")
+    ap.add_argument("--in-process-below", type=int, default=None, help="override streaming.in_process_below")
+    ap.add_argument("--skip", choices=("ml100k", "generated", "latency"), action="append", default=[])
+    ap.add_argument("--profile", default=None, help="write a cProfile of the generated throughput run here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    scfg = StreamingConfig()
+    if args.max_batch_events:
+        scfg = dataclasses.replace(scfg, max_batch_events=args.max_batch_events)
+    if args.in_process_below is not None:
+        scfg = dataclasses.replace(scfg, in_process_below=args.in_process_below)
+    runs, lat = [], None
+    with tempfile.TemporaryDirectory(prefix="unirec-bench-") as tmp_s:
+        tmp = Path(tmp_s)
+        scfg = dataclasses.replace(scfg, work_dir=str(tmp / "work"))
+        kafka = KafkaConfig(bootstrap_servers=f"127.0.0.1:{free_port()}", partitions=3,
+                            embedded=EmbeddedBroker(run_dir=str(tmp / "broker")))
+        broker.start(kafka)
+        try:
+            if "ml100k" not in args.skip and ML100K.exists():
+                runs.append(throughput("ml100k", source_stream(ML100K, 10**9), kafka, scfg, tmp, None))
+                print(json.dumps(runs[-1]), flush=True)
+            if "generated" not in args.skip:
+                lines = generated_stream(args.events, args.users, n_items=args.items, seed=1)
+                runs.append(throughput("generated", lines, kafka, scfg, tmp, args.profile))
+                print(json.dumps(runs[-1]), flush=True)
+            if "latency" not in args.skip:
+                n = int(args.latency_rate * args.latency_seconds)
+                lines = generated_stream(n, max(1000, n // 10), n_items=args.items, seed=2)
+                lat = latency(lines, args.latency_rate, kafka, scfg, tmp)
+                print(json.dumps(lat), flush=True)
+        finally:
+            broker.stop(kafka)
+    events = sum(r["events"] for r in runs)
+    seconds = sum(r["seconds"] for r in runs)
+    summary = {
+        "events": events,
+        "events_per_s": round(events / seconds) if seconds else None,
+        "latency_p50_s": lat["latency_p50_s"] if lat else None,
+        "latency_p95_s": lat["latency_p95_s"] if lat else None,
+        "lost": sum(r["lost"] for r in runs) + (lat["lost"] if lat else 0),
+        "duplicated": sum(r["duplicated"] for r in runs) + (lat["duplicated"] if lat else 0),
+        "dead_letter": sum(r["dead_letter"] for r in runs),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "per_source_events_per_s": {r["source"]: r["events_per_s"] for r in runs},
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

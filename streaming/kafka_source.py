@@ -1,0 +1,160 @@
+"""Bounded Kafka reads with kafka-python: the source of every micro-batch.
+
+Beam's `ReadFromKafka` needs a Java expansion service that is not available
+here, so the pipeline reads with kafka-python inside a DoFn. A read is a work
+item, `ReadRange(topic, partition, start, max_records, max_bytes, max_wait_s,
+idle_poll_ms)`, and `read_range` turns it into the records actually read plus
+the offset after the last of them. Design choices:
+
+* **The stop bound never trusts the broker's end offsets.** Some Kafka-wire
+  brokers under-report them (and on a live topic they move anyway). A read
+  stops at whichever comes first: `max_records`, `max_bytes`, an empty poll of
+  `idle_poll_ms` (the partition is caught up for now) or `max_wait_s`. The
+  offset handed on is `last record read + 1` (or `start` if nothing was read),
+  so committing it can never skip a record, even across gaps in the offsets
+  (compaction, transaction markers). The end offset seen when the batch was
+  planned (`end_hint`) is only a hint against stopping too early: below it an
+  empty poll (a first fetch still in flight) does not end the read, but
+  `max_wait_s` still does, so an over-reported end costs at most that wait and
+  an under-reported one nothing but a later batch.
+* **A time cut aligns the topics.** With `until_ms` a read also stops before the
+  first record whose Kafka timestamp is later, so every partition of a batch
+  covers the same span of arrival time (the driver picks the cut; see
+  streaming/driver.py). Without it, one topic could run ahead of the other and
+  its events would move a user's watermark past events still unread in the
+  other topic, turning them `late`.
+* **Manual assignment, no consumer group.** The reader assigns one partition
+  and seeks; it never joins a group (a group join is slow and, on the embedded
+  broker, can hang) and never commits: the driver decides what is committed,
+  after the features are durable.
+* **Clients are pooled per process.** Opening a consumer costs a connection and
+  a metadata round trip; with one Beam run per micro-batch, the DoFn's
+  `setup()` takes an idle consumer from `POOL` and `teardown()` returns it, so a
+  long-lived worker process reuses its connections across batches.
+
+Records are plain tuples `(topic, partition, offset, timestamp_ms, key, value)`
+so that Beam's coders handle them without pickling.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+from kafka import KafkaConsumer, TopicPartition
+
+# (topic, partition, offset, timestamp_ms, key, value)
+Record = tuple[str, int, int, int, bytes | None, bytes | None]
+
+# Reader settings: no group, no auto commit, large fetches; the broker answers an
+# empty fetch within the idle poll so that "caught up" is detected quickly.
+_READER_DEFAULTS = {
+    "group_id": None,
+    "enable_auto_commit": False,
+    "auto_offset_reset": "earliest",
+    "max_partition_fetch_bytes": 8 << 20,
+    "fetch_max_bytes": 32 << 20,
+    "check_crcs": True,
+}
+
+
+_TAIL_STEP = 256  # records per poll once past the planned end
+
+
+class ReadRange(NamedTuple):
+    """One bounded read of one partition (a micro-batch's work item)."""
+
+    topic: str
+    partition: int
+    start: int               # first offset to read
+    max_records: int
+    max_bytes: int           # payload (key + value) bytes
+    max_wait_s: float        # wall-clock budget for this read
+    idle_poll_ms: int        # an empty poll this long ends the read (once past end_hint)
+    end_hint: int = -1       # where the plan expects the read to end (end offset or the cut's offset; -1: unknown)
+    until_ms: int = -1       # read only records with a Kafka timestamp <= this (-1: no bound)
+
+
+class RangeRead(NamedTuple):
+    """What a read produced: the records, the offset after them, why it stopped."""
+
+    records: list
+    next_offset: int
+    stop: str                # "max_records" | "max_bytes" | "idle" | "max_wait" | "time_cut"
+
+
+def reader_config(client_kwargs: dict, idle_poll_ms: int) -> dict:
+    """kafka-python consumer settings for a reader (client_kwargs: bootstrap + security)."""
+    return {**_READER_DEFAULTS, "fetch_max_wait_ms": max(1, idle_poll_ms), **client_kwargs}
+
+
+def read_range(consumer: KafkaConsumer, rng: ReadRange, *,
+               clock: Callable[[], float] = time.monotonic) -> RangeRead:
+    """Read `rng` with `consumer` (assigned here); see the module docstring for the bounds."""
+    tp = TopicPartition(rng.topic, rng.partition)
+    consumer.assign([tp])
+    consumer.seek(tp, rng.start)
+    records: list = []
+    nbytes, next_offset = 0, rng.start
+    deadline = clock() + rng.max_wait_s
+    while True:
+        remaining = rng.max_records - len(records)
+        if remaining <= 0:
+            return RangeRead(records, next_offset, "max_records")
+        left_ms = (deadline - clock()) * 1000.0
+        if left_ms <= 0:
+            return RangeRead(records, next_offset, "max_wait")
+        # Take only what the plan expects (+1 to see the cut), then small steps: every
+        # record taken past the cut is decoded by kafka-python for nothing.
+        want = rng.end_hint - next_offset + 1 if next_offset < rng.end_hint else _TAIL_STEP
+        polled = consumer.poll(timeout_ms=max(1, int(min(rng.idle_poll_ms, left_ms))),
+                               max_records=max(1, min(remaining, want)))
+        batch = polled.get(tp, ())
+        if not batch:
+            if next_offset < rng.end_hint:
+                continue  # records are known to exist: a slow first fetch is not "caught up"
+            return RangeRead(records, next_offset, "idle")
+        for r in batch:
+            if 0 <= rng.until_ms < r.timestamp:
+                return RangeRead(records, next_offset, "time_cut")  # it belongs to a later batch
+            size = len(r.value or b"") + len(r.key or b"")
+            if records and nbytes + size > rng.max_bytes:
+                # Stop before this record: it is the first one of the next batch.
+                return RangeRead(records, next_offset, "max_bytes")
+            records.append((r.topic, r.partition, r.offset, r.timestamp, r.key, r.value))
+            nbytes += size
+            next_offset = r.offset + 1
+
+
+class ConsumerPool:
+    """Idle reader consumers per client configuration, shared by one process."""
+
+    def __init__(self) -> None:
+        self._idle: dict[str, list[KafkaConsumer]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(config: dict) -> str:
+        return repr(sorted(config.items()))
+
+    def acquire(self, config: dict) -> KafkaConsumer:
+        with self._lock:
+            idle = self._idle.get(self._key(config))
+            if idle:
+                return idle.pop()
+        return KafkaConsumer(**config)
+
+    def release(self, config: dict, consumer: KafkaConsumer) -> None:
+        with self._lock:
+            self._idle.setdefault(self._key(config), []).append(consumer)
+
+    def close_all(self) -> None:
+        with self._lock:
+            pools, self._idle = self._idle, {}
+        for consumers in pools.values():
+            for c in consumers:
+                c.close()
+
+
+POOL = ConsumerPool()

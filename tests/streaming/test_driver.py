@@ -1,0 +1,178 @@
+"""The micro-batch driver against the real embedded broker and a real Feast (SQLite) store."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from unirec.features.config import FeaturesConfig
+from unirec.features.state import StateStore
+from unirec.streaming.broker import client_kwargs
+from unirec.streaming.config import StreamingConfig
+from unirec.streaming.driver import Driver
+from unirec.streaming.kafka_source import POOL, ReadRange, read_range, reader_config
+from unirec.streaming.microbatch import run_beam, run_in_process
+from unirec.streaming.replay import replay
+from unirec.streaming.synthetic import compare, expected, source_stream
+
+pytestmark = pytest.mark.integration
+EVENTS = Path(__file__).resolve().parents[2] / ".cache/unirec/ml-100k/events.jsonl"
+
+
+@pytest.fixture
+def features_cfg(tmp_path) -> FeaturesConfig:
+    return FeaturesConfig(repo_dir=str(tmp_path / "feast"), state_path=str(tmp_path / "state.sqlite"))
+
+
+@pytest.fixture
+def streaming_cfg(tmp_path) -> StreamingConfig:
+    return StreamingConfig(group_id=f"g-{tmp_path.name}", max_batch_events=800, work_dir=str(tmp_path / "work"),
+                           recheck_s=0.5)
+
+
+def end_offsets(kafka_cfg) -> dict:
+    c = KafkaConsumer(**client_kwargs(kafka_cfg))
+    try:
+        tps = [TopicPartition(t, p) for t in (kafka_cfg.topics.clicks, kafka_cfg.topics.queries)
+               for p in c.partitions_for_topic(t)]
+        return {(tp.topic, tp.partition): o for tp, o in c.end_offsets(tps).items()}
+    finally:
+        c.close()
+
+
+def test_driver_applies_the_stream_in_batches_and_commits_offsets(kafka_cfg, features_cfg, streaming_cfg):
+    lines = source_stream(EVENTS, 3000)
+    replay(lines, kafka_cfg)
+    reports = []
+    with Driver(kafka_cfg, streaming_cfg, features_cfg, on_batch=reports.append) as d:
+        d.run(once=True)
+        result = compare(d.online, expected(lines, features_cfg))
+        committed = {tp: d.consumer.committed(TopicPartition(*tp)) for tp in d.positions}
+    assert len(reports) >= 3 and sum(r.records for r in reports) == len(lines)
+    assert all(r.path == "beam" for r in reports)
+    assert result.identical, result
+    ends = end_offsets(kafka_cfg)
+    with StateStore(features_cfg.state_path) as store:
+        assert store.offsets() == ends
+        assert store.counts()["outbox"] == 0
+    assert committed == ends
+
+
+def test_a_restarted_driver_resumes_where_the_store_stands(kafka_cfg, features_cfg, streaming_cfg):
+    lines = source_stream(EVENTS, 2400)
+    replay(lines[:1500], kafka_cfg)
+    with Driver(kafka_cfg, streaming_cfg, features_cfg) as d:
+        assert d.run(max_batches=1) == 1
+        first = d.totals["records"]
+    replay(lines[1500:], kafka_cfg)
+    with Driver(kafka_cfg, streaming_cfg, features_cfg) as d:
+        d.run(once=True)
+        second = d.totals["records"]
+        result = compare(d.online, expected(lines, features_cfg))
+    assert 0 < first < len(lines) and first + second == len(lines)  # nothing read twice, nothing skipped
+    assert result.identical, result
+
+
+class FailingPush:
+    """The real online store, except that the n-th push_users call raises (a crash)."""
+
+    def __init__(self, real, fail_on: int):
+        self.real, self.fail_on, self.calls = real, fail_on, 0
+
+    def push_users(self, states):
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise ConnectionError("online store went away")
+        return self.real.push_users(states)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_a_crash_between_state_commit_and_push_is_repaired_on_restart(kafka_cfg, features_cfg, streaming_cfg):
+    from unirec.features.online import OnlineStore
+
+    lines = source_stream(EVENTS, 2000)
+    replay(lines, kafka_cfg)
+    real = OnlineStore(features_cfg)
+    real.apply()
+    with pytest.raises(ConnectionError):
+        with Driver(kafka_cfg, streaming_cfg, features_cfg, online=FailingPush(real, 2)) as d:
+            d.run(once=True)
+    with StateStore(features_cfg.state_path) as store:
+        assert store.counts()["outbox"] > 0  # committed, not pushed
+    with Driver(kafka_cfg, streaming_cfg, features_cfg) as d:
+        d.run(once=True)
+        result = compare(d.online, expected(lines, features_cfg))
+    assert result.identical, result
+
+
+def test_beam_and_in_process_runs_give_the_same_outputs(kafka_cfg, features_cfg, streaming_cfg):
+    lines = source_stream(EVENTS, 1200)
+    replay(lines, kafka_cfg)
+    with Driver(kafka_cfg, streaming_cfg, features_cfg, online=object()) as d:
+        ranges = [r._replace(max_records=400) for r in d.plan(full=True)]
+        beam_out = run_beam(ranges, d.spec, work_dir=streaming_cfg.work_dir)
+        local_out = run_in_process(ranges, d.spec, d.store)
+    assert beam_out.records == local_out.records > 0
+    assert beam_out.offsets == local_out.offsets
+    key = lambda s: s.user_id  # noqa: E731
+    assert sorted(beam_out.users, key=key) == sorted(local_out.users, key=key)
+    assert sorted(beam_out.items, key=lambda s: s.item_id) == sorted(local_out.items, key=lambda s: s.item_id)
+
+
+def test_read_range_stops_at_each_bound_and_resumes_without_gap(kafka_cfg):
+    producer = KafkaProducer(**client_kwargs(kafka_cfg))
+    topic = kafka_cfg.topics.clicks
+    for i in range(30):
+        producer.send(topic, key=b"k", value=b"x" * 10, partition=0, timestamp_ms=1_000_000 + i)
+    producer.flush()
+    producer.close()
+    config = reader_config(client_kwargs(kafka_cfg), 50)
+    consumer = POOL.acquire(config)
+    try:
+        base = ReadRange(topic, 0, 0, 12, 1 << 20, 10.0, 50, 30)
+        first = read_range(consumer, base)
+        assert (len(first.records), first.next_offset, first.stop) == (12, 12, "max_records")
+        by_bytes = read_range(consumer, base._replace(start=12, max_records=100, max_bytes=5 * 11))
+        assert (by_bytes.next_offset, by_bytes.stop) == (17, "max_bytes")
+        cut = read_range(consumer, base._replace(start=17, max_records=100, until_ms=1_000_000 + 24))
+        assert (cut.next_offset, cut.stop) == (25, "time_cut")
+        rest = read_range(consumer, base._replace(start=25, max_records=100))
+        assert (rest.next_offset, rest.stop) == (30, "idle")
+        offsets = [r[2] for part in (first, by_bytes, cut, rest) for r in part.records]
+        assert offsets == list(range(30))
+        # an over-reported end offset costs at most max_wait_s, never a record
+        t0 = time.monotonic()
+        empty = read_range(consumer, base._replace(start=30, end_hint=40, max_wait_s=0.5))
+        assert (empty.records, empty.next_offset, empty.stop) == ([], 30, "max_wait")
+        assert time.monotonic() - t0 < 5
+    finally:
+        POOL.release(config, consumer)
+
+
+def test_batches_stay_within_budget_and_cover_the_same_arrival_time(kafka_cfg, features_cfg, streaming_cfg):
+    lines = source_stream(EVENTS, 3000)
+    replay(lines, kafka_cfg, rate=3000)  # spread over ~1 s of arrival time
+    cfg = dataclasses.replace(streaming_cfg, max_batch_events=500)
+    plans = []
+    with Driver(kafka_cfg, cfg, features_cfg, online=_NullOnline()) as d:
+        plan = d.plan
+        d.plan = lambda full: plans.append(plan(full=full)) or plans[-1]
+        reports = []
+        d.on_batch = reports.append
+        d.run(once=True)
+    assert sum(r.records for r in reports) == len(lines)
+    assert len(reports) >= 6 and max(r.records for r in reports) <= 500 * 1.2  # ~1 ms of slack
+    assert all(len({r.until_ms for r in p}) <= 1 for p in plans)
+
+
+class _NullOnline:
+    def push_users(self, states):
+        return len(states)
+
+    def push_items(self, stats):
+        return len(stats)
