@@ -55,6 +55,8 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server, values
 from prometheus_client.multiprocess import MultiProcessCollector
 
+import unirec
+
 DEFAULT_BIND = "127.0.0.1:9464"
 # micro-batches: tens of ms (in-process) to tens of seconds (large Beam batches)
 BATCH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -231,8 +233,10 @@ def parse_bind(bind: str) -> tuple[str, int]:
 
 def exposition_registry(registry: CollectorRegistry, multiproc_dir: str | None = None):
     """What to serve: `registry`, or in multiprocess mode (`multiproc_dir` or
-    $PROMETHEUS_MULTIPROC_DIR set) a registry aggregating every process's files."""
-    path = multiproc_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    $PROMETHEUS_MULTIPROC_DIR set by the user before unirec was imported — not the
+    temp dir Feast sets on import, see `unirec/__init__.py`) a registry aggregating
+    every process's files."""
+    path = multiproc_dir or unirec.PROMETHEUS_MULTIPROC_DIR
     if not path:
         return registry
     merged = CollectorRegistry()
