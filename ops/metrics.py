@@ -44,7 +44,6 @@ the directory between runs, or stale files are summed in.
 from __future__ import annotations
 
 import math
-import os
 import threading
 from collections import Counter as _Counter
 from collections.abc import Iterable, Mapping
