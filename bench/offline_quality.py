@@ -1,0 +1,116 @@
+"""Offline quality of the unified model and its ablations on MovieLens-100k.
+
+    .venv/bin/python bench/offline_quality.py [--config pipeline.yaml] [--quick]
+
+Protocol (see `unirec.offline`): RecBole's sequential benchmark - per user,
+time-ordered leave-one-out, full ranking over all 1,682 items, already-seen
+items not masked for the sequential models (as RecBole), pessimistic ties;
+early stopping on validation NDCG@10, test reported. Ranking AUC/GAUC on each
+user's validation and test clicks (never trained on) scored with their own
+preceding history; GAUC over users whose two held-out clicks differ in label.
+Search Recall/NDCG@10 on the held-out clicks that carry a query.
+
+Variants: `popularity` (RecBole's Pop: training counts, seen items masked as
+RecBole does for it; `popularity_unmasked` is the like-for-like row),
+`text_match` (TF-IDF search baseline, search metrics only), `retrieval_only`
+(same code without feedback tokens, ranking, queries, enhancer, weighter:
+SASRec-like), `unified`, and the ablations `unified_no_enhancer`,
+`unified_no_weighter` (fixed weights 1/1), `unified_no_time` (no time bands:
+plain RoPE), `unified_no_query` (no query tokens; it answers a search with
+its recommendation state). Each neural variant gets the same training budget:
+`--budget` seconds (default 100: six variants + evaluation fit in ~15 min on
+2 cores) or, for equal compute whatever the CPU load, `--steps` optimiser
+steps; early stopping within it. The last stdout line is one JSON object.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # spinning OpenMP threads starve on a shared CPU
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from unirec import offline  # noqa: E402
+from unirec.config import load as load_config  # noqa: E402
+from unirec.data import prepare  # noqa: E402
+
+METRICS = ("hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20", "auc", "gauc",
+           "search_recall@10", "search_ndcg@10", "train_seconds")
+VARIANTS = ("retrieval_only", "unified", "unified_no_enhancer", "unified_no_weighter",
+            "unified_no_time", "unified_no_query")
+
+
+def variant_configs(name, mc, tc):
+    """(ModelConfig, TrainConfig) of a neural variant, derived from the base configs."""
+    rep = dataclasses.replace
+    if name == "retrieval_only":
+        return (rep(mc, use_feedback=False, use_queries=False),
+                rep(tc, enhancer=rep(tc.enhancer, enabled=False), weighter=rep(tc.weighter, enabled=False)))
+    if name == "unified":
+        return mc, tc
+    if name == "unified_no_enhancer":
+        return mc, rep(tc, enhancer=rep(tc.enhancer, enabled=False))
+    if name == "unified_no_weighter":
+        return mc, rep(tc, weighter=rep(tc.weighter, enabled=False))
+    if name == "unified_no_time":
+        return rep(mc, time_fraction=0.0), tc
+    if name == "unified_no_query":
+        return rep(mc, use_queries=False), tc
+    raise ValueError(f"unknown variant {name!r}")
+
+
+def row(values: dict) -> dict:
+    return {k: (None if values.get(k) is None else round(float(values[k]), 4)) for k in METRICS}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="pipeline.yaml")
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny budget, 2 epochs")
+    ap.add_argument("--budget", type=float, default=None, help="training seconds per neural variant")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="optimiser steps per neural variant (equal compute whatever the CPU load)")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config) if Path(args.config).is_file() else None
+    from unirec.settings import PipelineConfig
+    cfg = cfg or PipelineConfig()
+    mc, tc = cfg.model, cfg.train
+    budget = args.budget if args.budget is not None else (20.0 if args.quick else tc.time_budget_s or 100.0)
+    steps = args.steps if args.steps is not None else tc.max_steps
+    tc = dataclasses.replace(tc, time_budget_s=0.0 if steps else budget, max_steps=steps,
+                             epochs=2 if args.quick else tc.epochs)
+    offline.tune_malloc()
+    torch.set_num_threads(tc.threads)
+    t0 = time.perf_counter()
+    ds = offline.load(prepare(cfg.data), mc)
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    models = {}
+    for name, mask in (("popularity", True), ("popularity_unmasked", False)):
+        models[name] = row(offline.popularity_metrics(ds, ds.test, mask_seen=mask))
+    tm = offline.text_match_metrics(ds, offline.search_cases(ds))
+    models["text_match"] = row({"search_recall@10": tm["hr@10"], "search_ndcg@10": tm["ndcg@10"]})
+    for name in [v for v in args.variants.split(",") if v]:
+        vm, vt = variant_configs(name, mc, tc)
+        log(f"== {name}")
+        model, info = offline.train(ds, vm, vt, log=log)
+        out = offline.evaluate(model, ds, ranking=vm.use_feedback, search=name != "retrieval_only")
+        models[name] = row(out | {"train_seconds": info["seconds"]})
+        log(f"{name}: {json.dumps(models[name])} (epochs {info['epochs']}, steps {info['steps']})")
+    result = {"dataset": "ml-100k", "protocol": "RecBole LS valid_and_test, TO, full ranking, seen items unmasked",
+              "budget_s_per_variant": None if steps else budget, "steps_per_variant": steps or None,
+              "threads": tc.threads,
+              "total_seconds": round(time.perf_counter() - t0, 1), "models": models}
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""User histories -> padded token tensors (the UniGRF interleaving).
+
+A user's events become tokens  [q?] i b  [q?] i b ...:
+
+* `q` query token (type 2): only before a search click; carries the hashed pieces
+  of the query text;
+* `i` item token (type 0): the item and the surface it was clicked on;
+* `b` feedback token (type 1): the item again plus its label (rating >= 4), i.e.
+  "item X got label y"; carrying the item lets the state at `b` hold the last
+  item in its residual stream, as SASRec's state does.
+
+Targets ride on the tokens that predict them (all causal, one pass):
+`rec_target` at b_t = item of event t+1 (next-item retrieval; at i_t when feedback
+tokens are off), `search_target` at q_t = the item clicked for that query,
+`rank_label` at i_t = label of event t (the ranker sees the candidate as the
+token itself). Tokens of one event share its timestamp; `index` is the token
+index inside the window (the rotary index band).
+
+Windows: a history longer than `max_len` events is cut into windows of
+`max_len` events ending at n, n - stride, ... (stride = max_len // 2). Each
+event is a training target in exactly one window: the one where it sits in the
+last `stride` events (so it always has >= stride events of context), except
+that the window starting at event 0 trains all of its events. This is SASRec's
+"train every position causally", not RecBole's one-sample-per-prefix.
+Padding is on the right (item 0, type 3), so the causal mask alone keeps real
+tokens from seeing it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from unirec.model.text import hash_pieces
+from unirec.model.vocab import Vocab
+
+ITEM, FEEDBACK, QUERY, PAD = 0, 1, 2, 3
+REC, SEARCH = 0, 1
+
+
+@dataclass
+class History:
+    """One user's time-ordered events as parallel arrays (model rows, not string ids)."""
+
+    items: np.ndarray        # (n,) int64 item rows
+    labels: np.ndarray       # (n,) int64 0/1
+    ts: np.ndarray           # (n,) int64 epoch seconds
+    surfaces: np.ndarray     # (n,) int64 REC/SEARCH
+    queries: list            # n entries: list[int] query pieces or None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def slice(self, start: int, end: int) -> "History":
+        return History(self.items[start:end], self.labels[start:end], self.ts[start:end],
+                       self.surfaces[start:end], self.queries[start:end])
+
+
+def history_from_events(events: list[dict], vocab: Vocab, *, n_buckets: int, ngram: int,
+                        max_query_pieces: int) -> History:
+    """Raw click/query dicts (one user, time-ordered) -> History.
+
+    A query event is attached to the click carrying its `query_id`; a query
+    without its click contributes nothing (there is no item to learn from).
+    """
+    texts = {e["query_id"]: e["text"] for e in events if e.get("schema", "").startswith("query")}
+    clicks = [e for e in events if not e.get("schema", "").startswith("query")]
+    queries = []
+    for e in clicks:
+        text = texts.get(e.get("query_id")) if e.get("surface") == "search" else None
+        queries.append(None if text is None else
+                       hash_pieces(text, n_buckets, ngram=ngram, max_pieces=max_query_pieces) or None)
+    return History(
+        items=vocab.rows([e["item_id"] for e in clicks]),
+        labels=np.array([int(e["label"]) for e in clicks], dtype=np.int64),
+        ts=np.array([int(e["ts"]) for e in clicks], dtype=np.int64),
+        surfaces=np.array([SEARCH if e.get("surface") == "search" else REC for e in clicks], dtype=np.int64),
+        queries=queries,
+    )
+
+
+def windows(n: int, max_len: int, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """(start, end, loss_from) windows over n events; every event is a target once."""
+    if n == 0:
+        return []
+    stride = max(1, min(max_len, stride or max_len // 2))
+    out, end = [], n
+    while True:
+        start = max(0, end - max_len)
+        out.append((start, end, start if start == 0 else end - stride))
+        if start == 0:
+            return out
+        end -= stride
+
+
+def _tokens(h: History, loss_from: int, use_queries: bool, use_feedback: bool,
+            final_query: list | None = None, final_ts: int | None = None) -> dict[str, list]:
+    """Token lists for one window (events of h, targets from event `loss_from` on)."""
+    t = {k: [] for k in ("type", "item", "label", "surface", "ts", "query", "rec_target",
+                         "search_target", "rank_label", "event")}
+
+    def add(kind, j, item, label=0, query=None):
+        t["type"].append(kind)
+        t["item"].append(item)
+        t["label"].append(label)
+        t["surface"].append(int(h.surfaces[j]) if j < len(h) else REC)
+        t["ts"].append(int(h.ts[j]) if j < len(h) else int(h.ts[-1]) if len(h) else 0)
+        t["query"].append(query or [])
+        t["rec_target"].append(0)
+        t["search_target"].append(0)
+        t["rank_label"].append(-1)
+        t["event"].append(j)
+
+    last_state = -1   # token whose output is the user state after the previous event
+    for j in range(len(h)):
+        train = j >= loss_from
+        if use_queries and h.queries[j] is not None:
+            add(QUERY, j, 0, query=h.queries[j])
+            t["surface"][-1] = SEARCH
+            if train:
+                t["search_target"][-1] = int(h.items[j])
+        if train and last_state >= 0:
+            t["rec_target"][last_state] = int(h.items[j])
+        add(ITEM, j, int(h.items[j]))
+        if train:
+            t["rank_label"][-1] = int(h.labels[j])
+        if use_feedback:
+            add(FEEDBACK, j, int(h.items[j]), label=int(h.labels[j]))
+        last_state = len(t["type"]) - 1
+    if final_query is not None:
+        add(QUERY, len(h), 0, query=final_query)
+        t["surface"][-1] = SEARCH
+        if final_ts is not None:
+            t["ts"][-1] = int(final_ts)
+    return t
+
+
+def collate(token_lists: list[dict[str, list]], ts_override: list | None = None) -> dict[str, torch.Tensor]:
+    """Pad token lists on the right into a batch of (B, T) tensors (+ query pieces (B, T, Lq))."""
+    B = len(token_lists)
+    T = max(1, max(len(t["type"]) for t in token_lists))
+    Lq = max([1] + [len(q) for t in token_lists for q in t["query"]])
+    out = {k: torch.zeros(B, T, dtype=torch.int64) for k in
+           ("item", "label", "surface", "ts", "rec_target", "search_target", "index")}
+    out["type"] = torch.full((B, T), PAD, dtype=torch.int64)
+    out["rank_label"] = torch.full((B, T), -1, dtype=torch.int64)
+    out["query"] = torch.zeros(B, T, Lq, dtype=torch.int64)
+    out["length"] = torch.zeros(B, dtype=torch.int64)
+    for b, t in enumerate(token_lists):
+        n = len(t["type"])
+        out["length"][b] = n
+        for k in ("type", "item", "label", "surface", "ts", "rec_target", "search_target", "rank_label"):
+            out[k][b, :n] = torch.tensor(t[k], dtype=torch.int64)
+        if n:
+            out["ts"][b, n:] = t["ts"][-1]   # padding keeps the last timestamp (no huge angles)
+        out["index"][b] = torch.arange(T)
+        for j, q in enumerate(t["query"]):
+            if q:
+                out["query"][b, j, : len(q)] = torch.tensor(q, dtype=torch.int64)
+    return out
+
+
+def train_batches(histories: list[History], max_len: int, batch_size: int, *, use_queries: bool = True,
+                  use_feedback: bool = True, rng: np.random.Generator | None = None):
+    """Yield collated batches of training windows over `histories`.
+
+    Windows are grouped by length (sorted on length with random jitter when an
+    rng is given, then cut into batches whose order is shuffled), so a batch is
+    padded to about its own length, not to the longest window of the epoch.
+    """
+    items = [(h, s, e, lf) for h in histories for (s, e, lf) in windows(len(h), max_len)]
+    lengths = np.array([e - s for _, s, e, _ in items], dtype=np.float64)
+    if rng is not None:
+        lengths = lengths * rng.uniform(0.9, 1.1, len(items))
+    order = np.argsort(lengths, kind="stable")
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if rng is not None:
+        chunks = [chunks[k] for k in rng.permutation(len(chunks))]
+    for chunk in chunks:
+        yield collate([_tokens(items[k][0].slice(items[k][1], items[k][2]), items[k][3] - items[k][1],
+                               use_queries, use_feedback) for k in chunk])
+
+
+def context_batch(histories: list[History], max_len: int, *, use_queries: bool = True,
+                  use_feedback: bool = True, queries: list | None = None,
+                  query_ts: list | None = None) -> dict[str, torch.Tensor]:
+    """Inference batch: the last `max_len` events of each history, no targets.
+
+    With `queries`, a query token (pieces list) is appended per user at the end
+    (timestamp `query_ts[b]`, default the last event's), whose output is the search state.
+    """
+    lists = []
+    for b, h in enumerate(histories):
+        tail = h.slice(max(0, len(h) - max_len), len(h))
+        t = _tokens(tail, len(tail), use_queries, use_feedback,
+                    final_query=None if queries is None else (queries[b] or [0]),
+                    final_ts=None if query_ts is None else query_ts[b])
+        lists.append(t)
+    return collate(lists)

@@ -1,0 +1,141 @@
+"""The unified model: token layout, public calls, candidate scoring."""
+import numpy as np
+import pytest
+import torch
+
+from unirec.model.batching import FEEDBACK, ITEM, QUERY, History, context_batch, train_batches, windows
+from unirec.model.config import ModelConfig
+from unirec.model.model import UnifiedRecommender
+from unirec.model.vocab import Vocab
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest single-threaded (idle OpenMP threads spin on a shared CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
+def _vocab(n=20):
+    items = {str(i): {"title": f"film number {i}", "genres": ["Drama" if i % 2 else "Comedy"]} for i in range(1, n + 1)}
+    return Vocab.build(items, n_buckets=300, ngram=3, max_pieces=12)
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, n_heads=2, n_buckets=300, max_len=30, dropout=0.0, **kw)
+    return UnifiedRecommender(cfg, _vocab()).eval()
+
+
+def _hist(items, labels=None, queries=None):
+    n = len(items)
+    labels = labels or [1] * n
+    queries = queries or [None] * n
+    return History(np.array(items), np.array(labels), 10**9 + 60 * np.arange(n),
+                   np.array([q is not None for q in queries], dtype=np.int64), queries)
+
+
+def test_token_layout_and_targets():
+    h = _hist([3, 4, 5], labels=[1, 0, 1], queries=[None, [7, 8], None])
+    b = next(train_batches([h], 30, 1))
+    assert b["type"][0].tolist() == [ITEM, FEEDBACK, QUERY, ITEM, FEEDBACK, ITEM, FEEDBACK]
+    # next-item targets sit on the feedback tokens; the query predicts its own click
+    assert b["rec_target"][0].tolist() == [0, 4, 0, 0, 5, 0, 0]
+    assert b["search_target"][0].tolist() == [0, 0, 4, 0, 0, 0, 0]
+    assert b["rank_label"][0].tolist() == [1, -1, -1, 0, -1, 1, -1]
+    # tokens of one event share its timestamp
+    assert b["ts"][0, 2] == b["ts"][0, 3] == b["ts"][0, 4]
+
+
+def test_windows_cover_every_event_once():
+    for n in (1, 7, 30, 31, 100, 257):
+        covered = []
+        for s, e, lf in windows(n, 30):
+            assert e - s <= 30 and s <= lf < e
+            covered += list(range(lf, e))
+        assert sorted(covered) == list(range(n))
+
+
+def test_vocab_maps_ids_and_reserves_row_zero():
+    v = _vocab()
+    assert v.row("1") == 1 and v.row("20") == 20 and v.row("nope") == 0
+    assert v.item_id(v.row("7")) == "7"
+    assert (v.pieces[0] == 0).all() and (v.pieces[1] > 0).any()
+
+
+def test_public_calls_shapes_and_padding_row_never_recommended():
+    m = _model()
+    hs = [_hist([1, 2, 3]), _hist([4, 5])]
+    scores, rows = m.recommend(hs, 5)
+    assert rows.shape == (2, 5) and (rows > 0).all()
+    assert m.user_state(hs).shape == (2, 32)
+    assert m.item_embeddings().shape == (21, 32)
+    s_scores, s_rows = m.search(hs, [[1, 2], [3]], 5)
+    assert s_rows.shape == (2, 5) and not torch.equal(s_scores, scores)
+    p = m.rank(hs, torch.tensor([[1, 2, 3], [6, 7, 8]]))
+    assert p.shape == (2, 3) and ((p > 0) & (p < 1)).all()
+
+
+def test_rank_candidates_do_not_see_each_other():
+    m = _model()
+    hs = [_hist([1, 2, 3])]
+    alone = m.rank(hs, torch.tensor([[7]]))[0, 0]
+    together = m.rank(hs, torch.tensor([[9, 7, 11, 12]]))[0, 1]
+    assert torch.allclose(alone, together, atol=1e-6)
+
+
+def test_right_padding_does_not_change_outputs():
+    m = _model()
+    short, long = _hist([1, 2]), _hist([3, 4, 5, 6, 7, 8])
+    together = m.user_state([short, long])
+    assert torch.allclose(together[0], m.user_state([short])[0], atol=1e-5)
+
+
+def test_query_text_changes_the_search_state_only_through_the_query():
+    m = _model()
+    hs = [_hist([1, 2, 3])]
+    a = m.user_state(hs, [[5, 6]])
+    b = m.user_state(hs, [[9]])
+    assert not torch.allclose(a, b)
+    assert torch.allclose(m.user_state(hs, [[5, 6]]), a)
+
+
+def test_without_feedback_tokens_rec_targets_sit_on_items():
+    h = _hist([3, 4, 5])
+    b = next(train_batches([h], 30, 1, use_feedback=False, use_queries=False))
+    assert b["type"][0].tolist() == [ITEM, ITEM, ITEM]
+    assert b["rec_target"][0].tolist() == [4, 5, 0]
+
+
+def test_lexical_channel_finds_the_item_whose_title_was_typed():
+    from unirec.model.text import hash_pieces
+    titles = ["alpha storm", "brave river", "crimson moon", "distant echo", "emerald tide", "frozen lake"]
+    items = {str(i + 1): {"title": t, "genres": ["Drama"]} for i, t in enumerate(titles)}
+    v = Vocab.build(items, n_buckets=500, ngram=3, max_pieces=16)
+    torch.manual_seed(0)
+    m = UnifiedRecommender(ModelConfig(d_model=32, n_heads=2, n_buckets=500, dropout=0.0), v).eval()
+    with torch.no_grad():   # silence the (untrained, random) dense part: only the lexical channel speaks
+        m.retrieval_proj.weight.zero_()
+        m.retrieval_proj.bias.zero_()
+    hs = [_hist([1, 2])]
+    for i, t in enumerate(titles):
+        q = hash_pieces(t.split()[1], 500, ngram=3)        # one title word
+        _, rows = m.search(hs, [q], 1)
+        assert rows[0, 0].item() == i + 1
+    dense = UnifiedRecommender(ModelConfig(d_model=32, n_heads=2, n_buckets=500, dropout=0.0,
+                                           use_lexical=False), v).eval()
+    dense.load_state_dict(m.state_dict())
+    q = [hash_pieces("crimson", 500, ngram=3)]
+    assert not torch.allclose(dense.search_scores(hs, q), m.search_scores(hs, q))
+
+
+def test_lexical_index_rows_are_unit_idf_vectors():
+    from unirec.model.model import lexical_index
+    pieces = torch.tensor([[0, 0], [1, 2], [2, 2], [3, 0]])
+    idf, lex = lexical_index(pieces, 5)
+    dense = lex.to_dense()
+    assert dense[0].abs().sum() == 0
+    assert torch.allclose(dense[1:].norm(dim=1), torch.ones(3))
+    assert idf[2] < idf[1] == idf[3]          # piece 2 is in two items, 1 and 3 in one

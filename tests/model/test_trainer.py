@@ -1,0 +1,101 @@
+"""Trainer: learns a simple pattern, keeps state across calls, early-stops on validation."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from unirec.model.batching import History, train_batches
+from unirec.model.config import EnhancerConfig, ModelConfig, TrainConfig, WeighterConfig
+from unirec.model.model import UnifiedRecommender
+from unirec.model.trainer import Trainer
+from unirec.model.vocab import Vocab
+
+N_ITEMS = 12
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest single-threaded (idle OpenMP threads spin on a shared CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
+def _setup(**train_kw):
+    torch.manual_seed(0)
+    items = {str(i): {"title": f"film {i}", "genres": ["Drama"]} for i in range(1, N_ITEMS + 1)}
+    mc = ModelConfig(d_model=16, n_heads=2, n_buckets=100, max_len=12, dropout=0.0)
+    model = UnifiedRecommender(mc, Vocab.build(items, n_buckets=100, ngram=0, max_pieces=4))
+    tc = TrainConfig(**{"lr": 1e-2, "batch_size": 8, "threads": 1,
+                        "enhancer": EnhancerConfig(warmup_steps=5, positions=8, top_k=3),
+                        "weighter": WeighterConfig(every=2)} | train_kw)
+    return model, Trainer(model, tc)
+
+
+def _cyclic_histories(n_users=8, length=10):
+    """Item i is always followed by i + 1 (mod N); odd items are liked."""
+    hs = []
+    for u in range(n_users):
+        items = (np.arange(length) + u) % N_ITEMS + 1
+        q = [[3, 4] if k % 3 == 0 else None for k in range(length)]
+        hs.append(History(items, items % 2, 10**9 + 3600 * np.arange(length),
+                          np.array([x is not None for x in q], dtype=np.int64), q))
+    return hs
+
+
+@pytest.mark.parametrize("negatives", ["all", "sampled"])
+def test_steps_learn_the_next_item(negatives):
+    model, tr = _setup(negatives=negatives, n_negatives=6, enhancer=EnhancerConfig(enabled=False))
+    hs = _cyclic_histories()
+    batch = next(train_batches(hs, 12, 8))
+    first = tr.losses(batch)
+    for _ in range(40):
+        log = tr.step(batch)
+    assert np.isfinite(log["retrieval"]) and log["rec"] < float(first["rec"]) * 0.5
+    assert log["ranking"] < float(first["ranking"].detach())
+    model.eval()
+    _, rows = model.recommend([hs[0]], 1)
+    assert rows[0, 0].item() == hs[0].items[-1] % N_ITEMS + 1
+
+
+def test_state_is_kept_across_calls_for_online_fine_tuning():
+    model, tr = _setup()
+    b1, b2 = list(train_batches(_cyclic_histories(16), 12, 8))[:2]
+    tr.step(b1)
+    counts = tr.item_counts.clone()
+    tr.step(b2)
+    assert tr.steps == 2 and tr.weighter.step == 2
+    assert (tr.item_counts >= counts).all() and tr.item_counts.sum() > counts.sum()
+    assert all("exp_avg" in s for s in tr.opt.state.values())
+    assert "w_ranking" in tr.log[-1]
+
+
+def test_enhancer_runs_after_warmup_and_logs_mined_items():
+    model, tr = _setup()
+    batch = next(train_batches(_cyclic_histories(), 12, 8))
+    for _ in range(7):
+        log = tr.step(batch)
+    assert "hard_negatives" in log
+
+
+def test_fit_early_stops_and_restores_the_best_weights():
+    model, tr = _setup(epochs=20, patience=2)
+    scores = iter([0.1, 0.3, 0.2, 0.25, 0.9])
+    snapshots = []
+
+    def validate():
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return next(scores)
+
+    info = tr.fit(_cyclic_histories(), validate, log=lambda s: None)
+    assert info["epochs"] == 4 and info["best_valid"] == 0.3
+    best = snapshots[1]
+    assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
+
+
+def test_fit_stops_at_max_steps():
+    model, tr = _setup(epochs=50, patience=50, max_steps=3, enhancer=EnhancerConfig(enabled=False))
+    info = tr.fit(_cyclic_histories(32), lambda: 0.0, log=lambda s: None)
+    assert info["steps"] == 3 and info["epochs"] == 1
