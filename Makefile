@@ -30,7 +30,7 @@ system-deps:
 	fi
 
 run: setup
-	$(UNIREC) run
+	$(UNIREC) run --fresh
 
 test: setup
 	$(PY) -m pytest -q
