@@ -103,10 +103,12 @@ class StreamingConfig:
     runner_options: tuple[str, ...] = ()  # extra Beam options, e.g. ["--dask_client_address=127.0.0.1:8786"]
     in_process_below: int = 0           # batches with fewer pending records run the same steps in-process, no Beam (0: never)
     overlap_push: bool = True           # push batch N to Feast while batch N+1 is read and merged
+    max_staged_keys: int = 300000       # committed keys waiting for a push in flight; beyond this the driver waits
     work_dir: str = ".cache/unirec/pipeline"  # per-batch output files of the Beam run (deleted after each batch)
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_events", "max_batch_bytes", "idle_poll_ms", "key_groups", "state_batch"):
+        for name in ("max_batch_events", "max_batch_bytes", "idle_poll_ms", "key_groups", "state_batch",
+                     "max_staged_keys"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         for name in ("max_wait_s", "idle_sleep_s", "recheck_s"):

@@ -32,11 +32,15 @@ One micro-batch (`Driver.run_batch`):
 6. Commit the offsets to Kafka for `streaming.group_id` (manual assignment, no
    group join). For monitoring and for tools; the state store's offsets win.
 
-With `overlap_push` (default) steps 5-6 of batch N run in a background thread
-while batch N+1 is planned, read and merged (its merges read the states batch N
-committed in step 4). Pushes stay strictly in batch order (batch N+1 waits for
-push N before it pushes), so an older state never overwrites a newer one online,
-and `mark_pushed(batch=N)` cannot clear keys that batch N+1 re-dirtied.
+With `overlap_push` (default) steps 5-6 run in a background thread while the
+next batches are planned, read and merged (their merges read the states the
+earlier batches committed in step 4). Batches committed while a push is in flight
+are staged, newest state per key, and go out together in the next push (each key
+written once, with its newest state: a pusher that falls behind pushes less per
+event instead of stalling the driver; `streaming.max_staged_keys` bounds what is
+staged). Pushes run one at a time in commit order, so an older state never
+overwrites a newer one online, and `mark_pushed(batch=newest staged)` clears only
+outbox rows whose newest state has been pushed.
 
 On start (`Driver.open`): re-push whatever the outbox holds (a crash between 4 and
 5), then seek every partition to the state store's offset; partitions the store
@@ -161,6 +165,7 @@ class Driver:
         self._stop = False
         self._pending = None
         self._pusher = None
+        self._staged = self._empty_stage()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -183,6 +188,7 @@ class Driver:
         self._pusher = ThreadPoolExecutor(1, thread_name_prefix="push") if self.cfg.overlap_push else None
         self.runner = BeamBatchRunner(self.spec, runner=self.cfg.runner, options=self.cfg.runner_options,
                                       work_dir=self.cfg.work_dir)
+        self.runner.warm_up()
         self.recover()
         self.refresh_partitions()
         return self
@@ -304,34 +310,80 @@ class Driver:
         batch_id = self.store.commit_batch(out.users, out.items, offsets)
         self.positions.update(offsets)
         secs["commit"] = time.perf_counter() - t
-        self.wait_pushed()  # pushes stay in batch order: an older state never overwrites a newer one
-        if self._pusher is None:
-            self._push(batch_id, out, offsets, dead, secs)
-        else:
-            self._pending = self._pusher.submit(self._push, batch_id, out, offsets, dead, secs)
+        self._stage(batch_id, out, offsets, dead, secs)
         return out.records
 
-    def wait_pushed(self) -> None:
-        """Block until the last batch's push is done (re-raises its error)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+    def _stage(self, batch_id: int, out: BatchOutputs, offsets: dict, dead: Counter, secs: dict) -> None:
+        """Queue a committed batch for the push; push now unless a push is in flight.
 
-    def _push(self, batch_id: int, out: BatchOutputs, offsets: dict, dead: Counter, secs: dict) -> None:
-        """Steps 5-6: push absolute states, clear the outbox, commit offsets to Kafka."""
+        While the previous push runs, later batches accumulate here, latest state per
+        key (they are committed, so the outbox holds them): the next push writes each
+        key once, with its newest state, however many batches touched it. A pusher that
+        falls behind therefore pushes less per event, instead of the driver waiting."""
+        staged = self._staged
+        staged["users"].update((s.user_id, s) for s in out.users)
+        staged["items"].update((s.item_id, s) for s in out.items)
+        staged["offsets"].update(offsets)
+        staged["batches"].append((batch_id, out, dead, secs))
+        if self._pusher is None:
+            self._flush_staged()
+            return
+        busy = self._pending is not None and not self._pending.done()
+        if busy and len(staged["users"]) + len(staged["items"]) < self.cfg.max_staged_keys:
+            return
+        self.wait_pushed(flush=False)
+        self._flush_staged()
+
+    def _flush_staged(self) -> None:
+        staged, self._staged = self._staged, self._empty_stage()
+        if not staged["batches"]:
+            return
+        if self._pusher is None:
+            self._push(staged)
+        else:
+            self._pending = self._pusher.submit(self._push, staged)
+
+    @staticmethod
+    def _empty_stage() -> dict:
+        return {"users": {}, "items": {}, "offsets": {}, "batches": []}
+
+    def poll_pushed(self) -> None:
+        """If the push in flight is done (re-raising its error), start the next one."""
+        if self._pending is None or self._pending.done():
+            self.wait_pushed(flush=False)
+            self._flush_staged()
+
+    def wait_pushed(self, *, flush: bool = True) -> None:
+        """Block until the push in flight is done (re-raises its error); with `flush`, also
+        push whatever is staged and wait for that."""
+        while True:
+            pending, self._pending = self._pending, None
+            if pending is not None:
+                pending.result()
+            if not flush or not self._staged["batches"]:
+                return
+            self._flush_staged()
+
+    def _push(self, staged: dict) -> None:
+        """Steps 5-6 for the staged batches: push absolute states, clear the outbox (up
+        to the newest batch), commit offsets to Kafka; one report per batch."""
+        users, items = list(staged["users"].values()), list(staged["items"].values())
         t = time.perf_counter()
-        self.online.push_users(out.users)
-        self.online.push_items(out.items)
+        self.online.push_users(users)
+        self.online.push_items(items)
         pushed_at = time.time()
-        self._push_store.mark_pushed([s.user_id for s in out.users], [s.item_id for s in out.items],
-                                     batch=batch_id)
-        secs["push"], t = time.perf_counter() - t, time.perf_counter()
-        self._commit_kafka(offsets)
-        secs["kafka_commit"] = time.perf_counter() - t
-        report = self._report(batch_id, out, dead, secs, pushed_at)
-        log.info("%s", report)
-        if self.on_batch is not None:
-            self.on_batch(report)
+        last = staged["batches"][-1][0]
+        self._push_store.mark_pushed(list(staged["users"]), list(staged["items"]), batch=last)
+        push_s, t = time.perf_counter() - t, time.perf_counter()
+        self._commit_kafka(staged["offsets"])
+        commit_s = time.perf_counter() - t
+        share = 1.0 / len(staged["batches"])
+        for batch_id, out, dead, secs in staged["batches"]:
+            secs["push"], secs["kafka_commit"] = push_s * share, commit_s * share
+            report = self._report(batch_id, out, dead, secs, pushed_at)
+            log.info("%s", report)
+            if self.on_batch is not None:
+                self.on_batch(report)
 
     def _report(self, batch_id: int, out: BatchOutputs, dead: Counter, secs: dict,
                 pushed_at: float) -> BatchReport:
@@ -371,6 +423,7 @@ class Driver:
                 elif once:
                     break
                 else:
+                    self.poll_pushed()
                     time.sleep(self.cfg.idle_sleep_s)
         finally:
             self.wait_pushed()

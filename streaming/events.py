@@ -42,6 +42,14 @@ Design choices (the issue is silent on these):
 * Checks run cheapest first: size, UTF-8, JSON, schema, then field by field in
   schema order, so the error names the first bad field.
 * `now_s` is an argument (the consumer's clock), so decoding is deterministic.
+* Fast path: orjson (~4x faster than `json`) parses first, and its result is kept
+  only when it provably equals what the strict parser would return: a JSON object
+  whose number of commas is exactly `len(obj) - 1` (every comma in the text is a
+  separator between distinct top-level keys, so no key repeats at any depth, see
+  `_fast_object`) and no float value (orjson turns integers beyond uint64 into
+  floats, `json` keeps them as ints -> `bad_value`). Anything else (including
+  every orjson error) goes through the strict `json` parser, which alone decides
+  the reason, so the DecodeError is the same either way.
 
 Every rejection is a `DecodeError(reason, field, detail)` with `reason` in
 `REASONS`; the pipeline turns it into a dead letter and a per-reason counter.
@@ -130,6 +138,31 @@ def _reject_constant(name: str) -> Any:
     raise DecodeError("malformed_json", None, f"{name} is not valid JSON")
 
 
+try:
+    from orjson import loads as _orjson_loads
+except ImportError:  # the strict parser alone is correct, only slower
+    _orjson_loads = None
+
+
+def _fast_object(raw: bytes) -> dict | None:
+    """orjson's parse of `raw` when it is certainly the strict parser's too, else None.
+
+    Commas in the text = separators (K - 1 per object with K keys as written, at every
+    depth) + commas inside strings. `count == len(obj) - 1` therefore means the top
+    level has exactly `len(obj)` written keys (no duplicate) and no nested object
+    has two keys or more (so no nested duplicate either)."""
+    try:
+        obj = _orjson_loads(raw)
+    except Exception:  # noqa: BLE001 - the strict parser names the reason
+        return None
+    if type(obj) is not dict or raw.count(b",") != len(obj) - 1:
+        return None
+    for v in obj.values():
+        if type(v) is float:
+            return None
+    return obj
+
+
 # Built once: json.loads(..., hook=...) would build a new decoder per call (half the parse time).
 _JSON = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
 
@@ -140,6 +173,8 @@ def parse_object(raw: bytes, limits: EventLimits = _DEFAULT_LIMITS) -> dict:
         raise DecodeError("wrong_type", None, f"payload must be bytes, got {type(raw).__name__}")
     if len(raw) > limits.max_bytes:
         raise DecodeError("oversize", None, f"{len(raw)} bytes > limit {limits.max_bytes}")
+    if _orjson_loads is not None and type(raw) is bytes and (obj := _fast_object(raw)) is not None:
+        return obj
     try:
         text = bytes(raw).decode("utf-8")
     except UnicodeDecodeError as e:
@@ -220,7 +255,7 @@ def _ts(obj: dict, now_s: float, limits: EventLimits) -> int:
 
 def _click(obj: dict, now_s: float, limits: EventLimits) -> ClickEvent:
     ids = limits.max_id_chars
-    event_id, user_id, item_id = (_string(obj, n, ids) for n in ("event_id", "user_id", "item_id"))
+    event_id, user_id, item_id = _string(obj, "event_id", ids), _string(obj, "user_id", ids), _string(obj, "item_id", ids)
     ts = _ts(obj, now_s, limits)
     label = _int(obj, "label")
     if label not in (0, 1):
@@ -246,7 +281,7 @@ def _click(obj: dict, now_s: float, limits: EventLimits) -> ClickEvent:
 
 def _query(obj: dict, now_s: float, limits: EventLimits) -> QueryEvent:
     ids = limits.max_id_chars
-    event_id, user_id, query_id = (_string(obj, n, ids) for n in ("event_id", "user_id", "query_id"))
+    event_id, user_id, query_id = _string(obj, "event_id", ids), _string(obj, "user_id", ids), _string(obj, "query_id", ids)
     text = _string(obj, "text", limits.max_text_chars)
     return QueryEvent(event_id, user_id, query_id, text, _ts(obj, now_s, limits))
 

@@ -222,3 +222,29 @@ def test_valid_events_round_trip(e):
     raw = encode(e)
     assert decode(raw, now_s=NOW) == e
     assert json.loads(raw) == to_dict(e)
+
+
+def _outcome(raw: bytes, kind):
+    try:
+        return decode(raw, kind, now_s=NOW)
+    except DecodeError as e:
+        return (e.reason, e.field, e.detail)
+
+
+dup_records = st.builds(  # duplicate keys written with and without commas in strings
+    lambda key, value, text: CLICK_LINE[:-1] + b', "text": ' + json.dumps(text).encode()
+    + b", " + json.dumps(key).encode() + b": " + json.dumps(value).encode() + b"}",
+    st.sampled_from(sorted(CLICK_FIELDS)), json_values, st.text(max_size=10))
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=st.one_of(records, dup_records), kind=st.sampled_from([None, "click", "query"]))
+def test_the_orjson_fast_path_decides_exactly_as_the_strict_parser(raw, kind):
+    from unirec.streaming import events
+
+    assert events._orjson_loads is not None  # orjson is a dependency
+    fast = _outcome(raw, kind)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(events, "_orjson_loads", None)
+        strict = _outcome(raw, kind)
+    assert fast == strict
