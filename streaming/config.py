@@ -104,6 +104,9 @@ class StreamingConfig:
     in_process_below: int = 0           # batches with fewer pending records run the same steps in-process, no Beam (0: never)
     overlap_push: bool = True           # push batch N to Feast while batch N+1 is read and merged
     max_staged_keys: int = 300000       # committed keys waiting for a push in flight; beyond this the driver waits
+    arrival_grace_ms: int = 500         # a batch reads records that arrived (Kafka timestamp) at least this long ago:
+                                        # a producer's records reach the broker up to linger + a round trip late,
+                                        # and a query must not miss the batch of the clicks sent after it
     work_dir: str = ".cache/unirec/pipeline"  # per-batch output files of the Beam run (deleted after each batch)
 
     def __post_init__(self) -> None:
@@ -114,5 +117,7 @@ class StreamingConfig:
         for name in ("max_wait_s", "idle_sleep_s", "recheck_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.arrival_grace_ms < 0:
+            raise ValueError(f"arrival_grace_ms: must be >= 0, got {self.arrival_grace_ms}")
         if self.in_process_below < 0:
             raise ValueError(f"in_process_below: must be >= 0, got {self.in_process_below}")

@@ -162,6 +162,7 @@ class Driver:
         self.totals: Counter = Counter()
         self._last_full = 0.0
         self._last_cut = 0
+        self._lag = 0            # unread records per the end offsets at the last plan
         self._stop = False
         self._pending = None
         self._pusher = None
@@ -248,10 +249,13 @@ class Driver:
 
     def plan(self, *, full: bool) -> list[ReadRange]:
         """Read ranges for the next batch: partitions with news (all if `full`), one time cut."""
-        now_ms = int(time.time() * 1000)
+        # Bounded out-of-orderness: a record stamped t may reach the broker after records
+        # stamped later on another partition (producer linger, retries), so the cut lags.
+        now_ms = int(time.time() * 1000) - self.cfg.arrival_grace_ms
         tps = [TopicPartition(*tp) for tp in self.positions]
         ends = {(t.topic, t.partition): o for t, o in self.consumer.end_offsets(tps).items()}
         lags = {tp: max(0, ends.get(tp, 0) - pos) for tp, pos in self.positions.items()}
+        self._lag = sum(lags.values())
         cut, expect = now_ms, ends
         if sum(lags.values()) > self.cfg.max_batch_events:
             cut = self.time_cut(ends, self.cfg.max_batch_events, now_ms)
@@ -407,11 +411,17 @@ class Driver:
 
     # ------------------------------------------------------------------ the loop
 
+    def _waited_out(self, idle_since: float | None, clock: Callable[[], float]) -> bool:
+        """With `once`: end offsets still show unread records but nothing became readable
+        for well past the arrival grace (end offsets are hints; don't wait forever)."""
+        patience = max(5.0, 10 * self.cfg.arrival_grace_ms / 1000)
+        return idle_since is not None and clock() - idle_since > patience
+
     def run(self, *, once: bool = False, max_batches: int | None = None,
             clock: Callable[[], float] = time.monotonic) -> int:
         """Run batches until `stop()`, `max_batches`, or (with `once`) a batch finds nothing
         new; returns when the last batch's push is done."""
-        done = 0
+        done, idle_since = 0, None
         try:
             while not self._stop and (max_batches is None or done < max_batches):
                 full = clock() - self._last_full >= self.cfg.recheck_s
@@ -420,8 +430,12 @@ class Driver:
                     self.refresh_partitions()
                 if self.run_batch(full=full or once):
                     done += 1
+                    idle_since = None
+                elif once and (not self._lag or self._waited_out(idle_since, clock)):
+                    break   # caught up (records younger than the arrival grace are waited for)
                 elif once:
-                    break
+                    idle_since = idle_since if idle_since is not None else clock()
+                    time.sleep(self.cfg.idle_sleep_s)
                 else:
                     self.poll_pushed()
                     time.sleep(self.cfg.idle_sleep_s)

@@ -34,7 +34,7 @@ def test_one_micro_batch_on_a_local_dask_cluster_matches_the_in_process_run(kafk
     lines = source_stream(EVENTS, 600)
     replay(lines, kafka_cfg)
     features_cfg = FeaturesConfig(repo_dir=str(tmp_path / "feast"), state_path=str(tmp_path / "state.sqlite"))
-    streaming_cfg = StreamingConfig(runner="DaskRunner", work_dir=str(tmp_path / "work"),
+    streaming_cfg = StreamingConfig(runner="DaskRunner", work_dir=str(tmp_path / "work"), arrival_grace_ms=0,
                                     runner_options=(f"--dask_client_address={dask_cluster.scheduler_address}",))
     with Driver(kafka_cfg, streaming_cfg, features_cfg, online=object()) as d:
         ranges = d.plan(full=True)
