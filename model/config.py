@@ -14,7 +14,8 @@ class ModelConfig:
     mlp_ratio: int = 4                  # hidden width of the block MLP = mlp_ratio * d_model
     dropout: float = 0.2                # residual/embedding dropout
     attn_dropout: float = 0.0           # > 0 forces the slow math attention kernel on CPU
-    max_len: int = 200                  # events per training window (an event is 2-3 tokens)
+    max_len: int = 50                   # events per training window / serving context (2-3 tokens each);
+                                        # SASRec's 50: ~3x cheaper steps than 200, better NDCG per second
     # text: hashed word pieces of item titles/genres and of queries share one table
     n_buckets: int = 20000              # hash buckets for word pieces (0 = padding)
     ngram: int = 3                      # character n-grams per word (0 = whole words only)
@@ -31,7 +32,8 @@ class ModelConfig:
     time_period_min_s: float = 3600.0   # shortest time period (1 hour)
     time_period_max_s: float = 6.3e7    # longest time period (~2 years)
     # heads
-    normalize: bool = True              # cosine scores (L2-normalised user state and item vectors)
+    normalize: bool = False             # True: cosine scores (L2-normalised user state and item vectors);
+                                        # plain inner product learns ~1.5x faster (offline bench, equal steps)
     temperature: float = 0.07           # InfoNCE temperature (also scales serving scores)
 
 
@@ -61,8 +63,8 @@ class WeighterConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    lr: float = 4e-3                    # high, with warm-up: the offline bench trains ~2 min per variant
-    warmup_steps: int = 100             # linear learning-rate warm-up (Adam is unstable early at high lr)
+    lr: float = 2e-3                    # with warm-up; 4e-3 oscillated (valid NDCG +-0.015 between epochs)
+    warmup_steps: int = 30              # linear learning-rate warm-up (the bench affords only ~300 steps)
     weight_decay: float = 0.01          # AdamW; embeddings, norms and biases excluded
     batch_size: int = 16                # windows (sequences) per step, grouped by length
     epochs: int = 200                   # upper bound; early stopping usually ends sooner
