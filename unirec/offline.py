@@ -115,7 +115,7 @@ def retrieval_metrics(model: UnifiedRecommender, ds: Dataset, cases: list[EvalCa
 def ranking_metrics(model: UnifiedRecommender, ds: Dataset, cases: list[EvalCase], batch: int = 64) -> dict[str, float]:
     """AUC and GAUC of the ranking head on held-out clicks (see module docstring)."""
     model.eval()
-    v, mc = model.vocab, model.cfg
+    v = model.vocab
     probs = []
     for chunk in _chunks(cases, batch):
         hs = [ds.history(c) for c in chunk]

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from unirec.features import sequence
-from unirec.features.sequence import DUPLICATE, LATE, UserSequence, merge
+from unirec.features.sequence import DUPLICATE, LATE, merge
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from unirec.model.batching import FEEDBACK, ITEM, QUERY, History, context_batch, train_batches, windows
+from unirec.model.batching import FEEDBACK, ITEM, QUERY, History, train_batches, windows
 from unirec.model.config import ModelConfig
 from unirec.model.model import UnifiedRecommender
 from unirec.model.vocab import Vocab

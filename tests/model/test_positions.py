@@ -112,7 +112,6 @@ def _tiny_model():
 
 
 def _history(items, labels, ts, queries):
-    n = len(items)
     return History(np.array(items), np.array(labels), np.array(ts), np.array([q is not None for q in queries], dtype=np.int64), queries)
 
 

@@ -1,5 +1,4 @@
 """Trainer: learns a simple pattern, keeps state across calls, early-stops on validation."""
-import dataclasses
 
 import numpy as np
 import pytest

@@ -26,8 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("run", help="the whole chain on embedded defaults (make run)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="replay only the first N events")
     p.add_argument("--rate", type=float, default=None, metavar="EVENTS_PER_S", help="cap the replay rate")
-    p.add_argument("--train-budget", type=float, default=None, metavar="S",
-                   help="seconds of offline training (default: train.time_budget_s)")
+    p.add_argument("--train-budget", type=float, default=120.0, metavar="S",
+                   help="seconds of offline training (default 120, so the demo ends in minutes; "
+                        "`unirec train --offline` trains to early stopping)")
     p.add_argument("--skip-train", action="store_true", help="stop after the features are online")
     p.add_argument("--fresh", action="store_true",
                    help="start from nothing: stop the embedded broker and delete its data, the state store "
@@ -102,17 +103,6 @@ def _sample_user(cfg, events_path) -> dict:
             "last_labels": list(seq.labels[-5:]), "recent_queries": list(seq.query_texts[-3:])}
 
 
-def _train(cfg, data_dir, budget) -> dict:
-    from unirec import offline
-
-    tc = cfg.train if budget is None else dataclasses.replace(cfg.train, time_budget_s=budget)
-    offline.tune_malloc()
-    ds = offline.load(data_dir, cfg.model)
-    model, info = offline.train(ds, cfg.model, tc, log=_say)
-    metrics = offline.evaluate(model, ds, ranking=cfg.model.use_feedback, search=cfg.model.use_queries)
-    return {"fit": info, "test": metrics}
-
-
 def _wipe(cfg) -> None:
     import shutil
     from pathlib import Path
@@ -167,7 +157,11 @@ def _run(args: argparse.Namespace) -> int:
     }
     if not args.skip_train:
         _say("training the unified model offline (RecBole leave-one-out protocol)")
-        summary["model"] = _train(cfg, data_dir, args.train_budget)
-        summary["artefacts"]["model"] = cfg.train.checkpoint
+        from unirec.cli.train import train_and_save
+
+        tc = dataclasses.replace(cfg.train, time_budget_s=args.train_budget)
+        result = train_and_save(cfg.model, tc, data_dir, log=_say)
+        summary["artefacts"]["model"] = result.pop("checkpoint")
+        summary["model"] = result
     print(json.dumps(summary, indent=2, default=str))
     return 0

@@ -25,7 +25,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     import os
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from unirec import offline
     from unirec.config import ConfigError, load
     from unirec.data import DataError, prepare
 
@@ -35,14 +34,20 @@ def _train(args: argparse.Namespace) -> int:
     except (ConfigError, DataError) as e:
         print(f"unirec train: {e}", file=sys.stderr)
         return 2
+    tc = cfg.train if args.budget is None else dataclasses.replace(cfg.train, time_budget_s=args.budget)
+    result = train_and_save(cfg.model, tc, data_dir, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(json.dumps(result))
+    return 0
+
+
+def train_and_save(mc, tc, data_dir: Path, *, log) -> dict:
+    """Train on the prepared stream, test, save the checkpoint; returns test metrics, fit info, path."""
     import torch
 
-    mc, tc = cfg.model, cfg.train
-    if args.budget is not None:
-        tc = dataclasses.replace(tc, time_budget_s=args.budget)
+    from unirec import offline
+
     offline.tune_malloc()
     ds = offline.load(data_dir, mc)
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     model, info = offline.train(ds, mc, tc, log=log)
     metrics = offline.evaluate(model, ds, ranking=mc.use_feedback, search=mc.use_queries)
     path = Path(tc.checkpoint)
@@ -51,5 +56,4 @@ def _train(args: argparse.Namespace) -> int:
                 "model_config": dataclasses.asdict(mc), "train_config": dataclasses.asdict(tc),
                 "fit": info, "test": metrics}, path)
     log(f"saved {path}")
-    print(json.dumps({"test": metrics, "fit": info, "checkpoint": str(path)}))
-    return 0
+    return {"test": metrics, "fit": info, "checkpoint": str(path)}
