@@ -1,6 +1,5 @@
 """Ranking-driven enhancer: selection on a constructed example, mining on a tiny model."""
 import numpy as np
-import pytest
 import torch
 
 from unirec.model import enhancer
@@ -10,15 +9,6 @@ from unirec.model.model import UnifiedRecommender
 from unirec.model.vocab import Vocab
 
 CFG = EnhancerConfig(positions=4, top_k=3, hard_threshold=0.3, soft_threshold=0.8)
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded (idle OpenMP threads spin on a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 
 def test_select_hard_negatives_and_soft_positives():

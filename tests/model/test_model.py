@@ -1,21 +1,11 @@
 """The unified model: token layout, public calls, candidate scoring."""
 import numpy as np
-import pytest
 import torch
 
 from unirec.model.batching import FEEDBACK, ITEM, QUERY, History, train_batches, windows
 from unirec.model.config import ModelConfig
 from unirec.model.model import UnifiedRecommender
 from unirec.model.vocab import Vocab
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded (idle OpenMP threads spin on a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 
 def _vocab(n=20):

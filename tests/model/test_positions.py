@@ -2,7 +2,6 @@
 import math
 
 import numpy as np
-import pytest
 import torch
 
 from unirec.model import positions
@@ -12,15 +11,6 @@ from unirec.model.model import Attention, UnifiedRecommender
 from unirec.model.vocab import Vocab
 
 HEAD = 16
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded (idle OpenMP threads spin on a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 
 def _scores(q, k, ts, index_freq, time_freq):

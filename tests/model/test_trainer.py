@@ -12,15 +12,6 @@ from unirec.model.vocab import Vocab
 
 N_ITEMS = 12
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded (idle OpenMP threads spin on a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 
 def _setup(**train_kw):
     torch.manual_seed(0)
