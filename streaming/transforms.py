@@ -315,9 +315,8 @@ class ParseEvent(beam.DoFn):
             yield emit(MAIN, (group, [parsed_to_tuple(p) for p in items]))
 
 
-class UpdateUserSequence(beam.DoFn):
-    """(user key group, [[parsed tuple], ...]) -> MAIN: [UserSequence];
-    APPLIED_CLICKS: (item key group, [click tuple]); DEAD_LETTER: [DeadLetter] (duplicate / late)."""
+class _ReadsStateStore(beam.DoFn):
+    """A DoFn that reads the keyed state: opens the state store in `setup`, closes it in `teardown`."""
 
     def __init__(self, spec: BatchSpec):
         self.spec = spec
@@ -326,6 +325,15 @@ class UpdateUserSequence(beam.DoFn):
         from unirec.features.state import StateStore
 
         self.store = StateStore(self.spec.state_path)
+
+    def teardown(self):
+        if getattr(self, "store", None) is not None:
+            self.store.close()
+
+
+class UpdateUserSequence(_ReadsStateStore):
+    """(user key group, [[parsed tuple], ...]) -> MAIN: [UserSequence];
+    APPLIED_CLICKS: (item key group, [click tuple]); DEAD_LETTER: [DeadLetter] (duplicate / late)."""
 
     def process(self, element):
         _, lists = element
@@ -341,21 +349,9 @@ class UpdateUserSequence(beam.DoFn):
         if res.states:
             yield emit(MAIN, res.states)
 
-    def teardown(self):
-        if getattr(self, "store", None) is not None:
-            self.store.close()
 
-
-class UpdateItemStats(beam.DoFn):
+class UpdateItemStats(_ReadsStateStore):
     """(item key group, [[click tuple], ...]) -> [ItemStats] of the touched items."""
-
-    def __init__(self, spec: BatchSpec):
-        self.spec = spec
-
-    def setup(self):
-        from unirec.features.state import StateStore
-
-        self.store = StateStore(self.spec.state_path)
 
     def process(self, element):
         _, lists = element
@@ -364,10 +360,6 @@ class UpdateItemStats(beam.DoFn):
         Metrics.counter(NAMESPACE, "items_updated").inc(len(stats))
         if stats:
             yield stats
-
-    def teardown(self):
-        if getattr(self, "store", None) is not None:
-            self.store.close()
 
 
 class MicroBatch(beam.PTransform):
