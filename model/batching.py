@@ -141,45 +141,61 @@ def collate(token_lists: list[dict[str, list]], ts_override: list | None = None)
     B = len(token_lists)
     T = max(1, max(len(t["type"]) for t in token_lists))
     Lq = max([1] + [len(q) for t in token_lists for q in t["query"]])
-    out = {k: torch.zeros(B, T, dtype=torch.int64) for k in
-           ("item", "label", "surface", "ts", "rec_target", "search_target", "index")}
-    out["type"] = torch.full((B, T), PAD, dtype=torch.int64)
-    out["rank_label"] = torch.full((B, T), -1, dtype=torch.int64)
-    out["query"] = torch.zeros(B, T, Lq, dtype=torch.int64)
-    out["length"] = torch.zeros(B, dtype=torch.int64)
+    keys = ("type", "item", "label", "surface", "ts", "rec_target", "search_target", "rank_label")
+    arr = {k: np.zeros((B, T), dtype=np.int64) for k in keys}       # filled with numpy: one copy per key
+    arr["type"][:] = PAD
+    arr["rank_label"][:] = -1
+    query = np.zeros((B, T, Lq), dtype=np.int64)
+    length = np.zeros(B, dtype=np.int64)
     for b, t in enumerate(token_lists):
         n = len(t["type"])
-        out["length"][b] = n
-        for k in ("type", "item", "label", "surface", "ts", "rec_target", "search_target", "rank_label"):
-            out[k][b, :n] = torch.tensor(t[k], dtype=torch.int64)
+        length[b] = n
+        for k in keys:
+            arr[k][b, :n] = t[k]
         if n:
-            out["ts"][b, n:] = t["ts"][-1]   # padding keeps the last timestamp (no huge angles)
-        out["index"][b] = torch.arange(T)
+            arr["ts"][b, n:] = t["ts"][-1]   # padding keeps the last timestamp (no huge angles)
         for j, q in enumerate(t["query"]):
             if q:
-                out["query"][b, j, : len(q)] = torch.tensor(q, dtype=torch.int64)
+                query[b, j, : len(q)] = q
+    out = {k: torch.from_numpy(v) for k, v in arr.items()}
+    out["index"] = torch.arange(T).expand(B, T).clone()
+    out["query"], out["length"] = torch.from_numpy(query), torch.from_numpy(length)
     return out
 
 
 def train_batches(histories: list[History], max_len: int, batch_size: int, *, use_queries: bool = True,
-                  use_feedback: bool = True, rng: np.random.Generator | None = None):
+                  use_feedback: bool = True, rng: np.random.Generator | None = None,
+                  all_targets: bool = False):
     """Yield collated batches of training windows over `histories`.
 
     Windows are grouped by length (sorted on length with random jitter when an
     rng is given, then cut into batches whose order is shuffled), so a batch is
     padded to about its own length, not to the longest window of the epoch.
+    `all_targets`: every event of every window is a target (the first half of a
+    window again, now with a shorter context), so no pass is spent on context only.
     """
-    items = [(h, s, e, lf) for h in histories for (s, e, lf) in windows(len(h), max_len)]
-    lengths = np.array([e - s for _, s, e, _ in items], dtype=np.float64)
+    yield from window_batches(train_windows(histories, max_len, use_queries=use_queries, use_feedback=use_feedback,
+                                            all_targets=all_targets), batch_size, rng=rng)
+
+
+def train_windows(histories: list[History], max_len: int, *, use_queries: bool = True, use_feedback: bool = True,
+                  all_targets: bool = False) -> list[dict[str, list]]:
+    """Token lists of every training window of `histories` (the same every epoch: build once)."""
+    return [_tokens(h.slice(s, e), (s if all_targets else lf) - s, use_queries, use_feedback)
+            for h in histories for (s, e, lf) in windows(len(h), max_len)]
+
+
+def window_batches(token_lists: list[dict[str, list]], batch_size: int, *, rng: np.random.Generator | None = None):
+    """Collated batches of windows grouped by length (see `train_batches`)."""
+    lengths = np.array([len(t["type"]) for t in token_lists], dtype=np.float64)
     if rng is not None:
-        lengths = lengths * rng.uniform(0.9, 1.1, len(items))
+        lengths = lengths * rng.uniform(0.9, 1.1, len(token_lists))
     order = np.argsort(lengths, kind="stable")
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if rng is not None:
         chunks = [chunks[k] for k in rng.permutation(len(chunks))]
     for chunk in chunks:
-        yield collate([_tokens(items[k][0].slice(items[k][1], items[k][2]), items[k][3] - items[k][1],
-                               use_queries, use_feedback) for k in chunk])
+        yield collate([token_lists[k] for k in chunk])
 
 
 def context_batch(histories: list[History], max_len: int, *, use_queries: bool = True,

@@ -61,8 +61,11 @@ def mine(model, batch: dict, h: torch.Tensor, cfg: EnhancerConfig, generator: to
     b, t = flat // T, flat % T
     u = model.user_vectors(h.reshape(B * T, -1)[flat])                         # (N, d)
     scores = model.retrieval_scores(u)                                         # (N, N_rows)
+    if model.cfg.repeat_bias:
+        scores = scores + model.repeat_scores(batch, flat)                     # as the trainer scores them
     scores[torch.arange(len(flat)), target.reshape(-1)[flat]] = float("-inf")
-    top = scores.topk(cfg.top_k, dim=-1).indices                               # (N, K)
+    top_scores, top = scores.topk(cfg.top_k, dim=-1)                           # (N, K)
+    real = torch.isfinite(top_scores)      # fewer than K live items: -inf rows (padding, free) are not items
 
     # candidates per batch row: the K items of each selected position of that row
     per_row = torch.bincount(b, minlength=B)
@@ -91,5 +94,6 @@ def mine(model, batch: dict, h: torch.Tensor, cfg: EnhancerConfig, generator: to
     window_items = batch["item"][b]                                            # (N, T)
     seen = (top[:, :, None] == window_items[:, None, :]).any(-1)               # (N, K)
     hard, soft = select(top, probs, seen, cfg)
+    hard, soft = hard.masked_fill(~real, -1), soft & real
     nz = soft.nonzero()
     return Enhancement(flat, hard, flat[nz[:, 0]], top[nz[:, 0], nz[:, 1]])

@@ -1,0 +1,312 @@
+"""Incremental fine-tuning on a stream: `OnlineLearner`, and the test-then-train figures.
+
+The pipeline hands the learner, per micro-batch, one `Example` per user whose
+sequence changed: the user's recent events (plain columns, oldest first) and how
+many of them (`n_new`, the tail) arrived in this batch. The learner owns the
+model, the `Trainer` (optimiser, adaptive weighter and item counts carry across
+batches), a growing `ItemTable` and a replay buffer. Design choices:
+
+* **Training examples.** A user's examples are the windows of at most
+  `max_len` events that end at the newest event, with the loss on the new events
+  only (older events are context): the same windows and targets as offline
+  training (`batching.windows`), cut to the events this batch brought. A user
+  with more new events than fit in one window gets several windows, so every new
+  event is a target exactly once per pass.
+* **Test-then-train (prequential) evaluation.** Before any update on a batch, the
+  current model scores that batch's windows in eval mode, one causal pass:
+  next-item HR@k / NDCG@k at each new event (full ranking over the live items,
+  seen items not masked, pessimistic ties: the offline protocol), ranking AUC of
+  the ranking head on the new events' labels, and search Recall@k / NDCG@k at each
+  new search click (dense query state + lexical channel). Every new event is
+  scored once, by a model that has never trained on it. Sums and counts are kept
+  so that figures over any span (a batch, the time since the last publish) are
+  exact means, not means of means.
+* **Forgetting.** Each optimiser step takes `batch_size` windows: new ones and,
+  once the buffer has some, a `replay_fraction` share drawn uniformly from a
+  bounded FIFO of the most recent `replay_buffer` windows (recent history, not a
+  reservoir over all time: the stream drifts and old behaviour should fade).
+  `max_steps_per_batch` caps the work per micro-batch under load; windows beyond
+  it enter the buffer without a step of their own and are counted (`deferred`).
+* **New and stale ids.** Items get rows on first sight and lose them after
+  `expire_after_s` of event time without an event (`vocab.ItemTable`); a reused
+  row starts from a fresh embedding and zeroed optimiser moments. Users have no
+  ID table at all (a user *is* their sequence, as in SASRec/HSTU), so a new user
+  needs nothing; they are counted (`users_new`: sequences made only of new events).
+* **State for resuming** (`snapshot` / `from_version`): model weights, the item
+  table, the optimiser moments and the trainer's counters, all as flat numpy arrays
+  for the registry's safetensors files. Nothing is pickled.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from unirec.model import metrics
+from unirec.model.batching import History, _tokens, collate, windows
+from unirec.model.config import ModelConfig, OnlineConfig, TrainConfig
+from unirec.model.model import UnifiedRecommender
+from unirec.model.snapshot import history_from_columns, model_from_arrays
+from unirec.model.trainer import Trainer
+from unirec.model.vocab import ItemTable
+
+
+@dataclass
+class Example:
+    """One user's recent events (oldest first) of which the last `n_new` are new."""
+
+    user_id: str
+    item_ids: Sequence[str]
+    labels: Sequence[int]
+    ts: Sequence[int]
+    surfaces: Sequence[str]             # "rec" | "search"
+    queries: Sequence[str | None]       # query text that led to each click, if kept
+    n_new: int
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Example:
+        return cls(**d)
+
+
+@dataclass
+class EvalSums:
+    """Sums and counts of test-then-train figures; `means()` turns them into metrics."""
+
+    k: int = 10
+    rec_n: int = 0
+    hits: float = 0.0
+    ndcg: float = 0.0
+    search_n: int = 0
+    search_hits: float = 0.0
+    search_ndcg: float = 0.0
+    probs: list = field(default_factory=list)
+    labels: list = field(default_factory=list)
+
+    def add_ranks(self, ranks: np.ndarray, search: bool) -> None:
+        hit = ranks < self.k
+        ndcg = float(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0).sum())
+        if search:
+            self.search_n, self.search_hits, self.search_ndcg = (self.search_n + len(ranks),
+                                                                 self.search_hits + hit.sum(), self.search_ndcg + ndcg)
+        else:
+            self.rec_n, self.hits, self.ndcg = self.rec_n + len(ranks), self.hits + hit.sum(), self.ndcg + ndcg
+
+    def merge(self, other: EvalSums) -> None:
+        for name in ("rec_n", "hits", "ndcg", "search_n", "search_hits", "search_ndcg"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.probs += other.probs
+        self.labels += other.labels
+
+    def means(self) -> dict:
+        k, labels = self.k, np.asarray(self.labels)
+        both = len(labels) and 0 < labels.sum() < len(labels)
+        return {f"hr@{k}": self.hits / self.rec_n if self.rec_n else None,
+                f"ndcg@{k}": self.ndcg / self.rec_n if self.rec_n else None,
+                "auc": metrics.auc(labels, np.asarray(self.probs)) if both else None,
+                f"search_recall@{k}": self.search_hits / self.search_n if self.search_n else None,
+                f"search_ndcg@{k}": self.search_ndcg / self.search_n if self.search_n else None,
+                "eval_events": self.rec_n, "eval_search_events": self.search_n, "eval_rank_events": len(labels)}
+
+
+class OnlineLearner:
+    """Model + trainer + item table + replay buffer, updated one micro-batch at a time."""
+
+    def __init__(self, model: UnifiedRecommender, trainer: Trainer, table: ItemTable, cfg: OnlineConfig,
+                 *, seed: int = 0):
+        self.model, self.trainer, self.table, self.cfg = model, trainer, table, cfg
+        self.mc = model.cfg
+        self.buffer: deque = deque(maxlen=max(1, cfg.replay_buffer))
+        self.rng = random.Random(seed)
+        self.since = self._fresh_since()            # figures since the last publish
+        self.totals = {"batches": 0, "events": 0, "windows": 0, "steps": 0, "deferred": 0, "users_new": 0}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def fresh(cls, mc: ModelConfig, tc: TrainConfig, oc: OnlineConfig, *,
+              pieces_of: Callable[[str], list[int]] | None = None) -> OnlineLearner:
+        torch.manual_seed(tc.seed)
+        table = ItemTable(oc.item_capacity, mc.max_item_pieces, expire_after_s=oc.expire_after_s,
+                          pieces_of=pieces_of)
+        model = UnifiedRecommender(mc, table)
+        return cls(model, Trainer(model, tc), table, oc, seed=tc.seed)
+
+    @classmethod
+    def from_arrays(cls, mc: ModelConfig, tc: TrainConfig, oc: OnlineConfig, *, item_ids: list[str],
+                    weights: dict, table_arrays: dict, trainer_arrays: dict | None,
+                    pieces_of: Callable[[str], list[int]] | None = None) -> OnlineLearner:
+        """Rebuild from a snapshot's arrays (see `snapshot`); optimiser state if given."""
+        model, table = model_from_arrays(mc, item_ids, weights, table_arrays,
+                                         expire_after_s=oc.expire_after_s, pieces_of=pieces_of)
+        trainer = Trainer(model, tc)
+        if trainer_arrays:
+            trainer.load_state_arrays(trainer_arrays)
+        table.changed = False
+        return cls(model, trainer, table, oc, seed=tc.seed + trainer.steps)
+
+    def snapshot(self) -> dict:
+        """What a registry version holds: retrieval item vectors of the live items with their
+        ids, the model weights (trunk, heads, tables, item pieces), and resume state."""
+        self.model.eval()
+        with torch.no_grad():
+            emb = self.model.item_embeddings()
+        rows = sorted(self.table.index.values())
+        weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        weights["item_pieces"] = self.model.item_pieces.clone()
+        np_ = lambda d: {k: v.detach().cpu().numpy() if torch.is_tensor(v) else np.asarray(v) for k, v in d.items()}
+        return {"item_embeddings": emb[rows].numpy().copy(), "item_ids": self.table.live_ids(),
+                "ranking": np_(weights),
+                "extra": {"idtable": self.table.arrays(), "trainer": np_(self.trainer.state_arrays())}}
+
+    # ------------------------------------------------------------------ examples -> windows
+    def _history(self, ex: Example) -> History:
+        _, new_rows = self.table.assign(ex.item_ids, ex.ts)        # rows for new items first
+        self._pending_new.extend(new_rows)
+        return history_from_columns(ex.item_ids, ex.labels, ex.ts, ex.surfaces, ex.queries, self.table, self.mc)
+
+    def _windows(self, h: History, n_new: int) -> list[dict]:
+        """Token lists of the windows that hold the last `n_new` events as targets."""
+        n, first_new = len(h), len(h) - n_new
+        out = []
+        for start, end, loss_from in windows(n, self.mc.max_len):
+            if end <= first_new:
+                break
+            lf = max(loss_from, first_new)
+            out.append(_tokens(h.slice(start, end), lf - start, self.mc.use_queries, self.mc.use_feedback))
+        return out
+
+    def _sync_table(self) -> dict:
+        """Grow the model and reset reused rows after the table changed; returns counts."""
+        t = self.table
+        if t.n_rows > self.model.item_emb.num_embeddings:
+            self.trainer.resize_items(t.n_rows)
+        self.trainer.reset_rows(self._pending_new)
+        if t.changed:
+            self.model.refresh_items()
+            t.changed = False
+        return {"items_new": len(self._pending_new)}
+
+    # ------------------------------------------------------------------ one micro-batch
+    def process(self, examples: Sequence[Example], *, watermark: int | None = None,
+                evaluate: bool | None = None, train: bool = True) -> dict:
+        """Test-then-train on one micro-batch; returns the batch's figures and losses."""
+        t0 = time.perf_counter()
+        examples = [e for e in examples if e.n_new > 0 and len(e.item_ids)]
+        if watermark is None and examples:
+            watermark = max(int(max(e.ts)) for e in examples)
+        expired_before = self.table.expired
+        if watermark is not None and (freed := set(self.table.expire(int(watermark)))):
+            # buffered windows hold rows, and these rows will go to other items: forget them
+            self.buffer = deque((w for w in self.buffer if freed.isdisjoint(w["item"])), maxlen=self.buffer.maxlen)
+        self._pending_new = []
+        hist = [(self._history(e), min(e.n_new, len(e.item_ids))) for e in examples]
+        counts = self._sync_table()
+        counts["items_expired"] = self.table.expired - expired_before
+        counts["items_live"] = len(self.table)
+        counts["users_new"] = sum(1 for e in examples if e.n_new >= len(e.item_ids))
+        lists = [w for h, n in hist for w in self._windows(h, n)]
+        stats: dict = {"watermark": watermark, "sequences": len(lists), "events": sum(n for _, n in hist)} | counts
+        if (self.cfg.evaluate if evaluate is None else evaluate) and lists:
+            sums = self.evaluate(lists)
+            self.since["eval"].merge(sums)
+            stats["eval"] = sums.means()
+            stats["rank_probs"], stats["rank_labels"] = sums.probs, sums.labels
+        if train and lists:
+            stats |= self.train(lists)
+        stats["seconds"] = time.perf_counter() - t0
+        self.totals["batches"] += 1
+        self.totals["events"] += stats["events"]
+        self.totals["windows"] += len(lists)
+        self.totals["users_new"] += counts["users_new"]
+        return stats
+
+    @torch.no_grad()
+    def evaluate(self, lists: list[dict], chunk: int = 64) -> EvalSums:
+        """Score windows with the current model before it trains on them (see module doc)."""
+        m, sums = self.model, EvalSums(k=self.cfg.eval_k)
+        m.eval()
+        order = sorted(range(len(lists)), key=lambda i: len(lists[i]["type"]))
+        for s in range(0, len(order), chunk):
+            batch = collate([lists[i] for i in order[s:s + chunk]])
+            h, _ = m(batch)
+            B, T, d = h.shape
+            hf = h.reshape(B * T, d)
+            rec = batch["rec_target"].reshape(-1)
+            rows = (rec > 0).nonzero().squeeze(1)
+            if len(rows):
+                scores = m.retrieval_scores(m.user_vectors(hf[rows]))
+                sums.add_ranks(metrics.target_ranks(scores, rec[rows]), search=False)
+            srch = batch["search_target"].reshape(-1)
+            srows = (srch > 0).nonzero().squeeze(1)
+            if len(srows):
+                scores = m.retrieval_scores(m.user_vectors(hf[srows]))
+                if m.cfg.use_lexical:
+                    scores = scores + m.lexical_scores(batch["query"].reshape(B * T, -1)[srows])
+                sums.add_ranks(metrics.target_ranks(scores, srch[srows]), search=True)
+            if m.cfg.use_feedback:
+                mask = batch["rank_label"] >= 0
+                if mask.any():
+                    sums.probs += torch.sigmoid(m.rank_logits(h[mask])).tolist()
+                    sums.labels += batch["rank_label"][mask].tolist()
+        return sums
+
+    def train(self, lists: list[dict]) -> dict:
+        """Optimiser steps over the new windows, each step topped up from the replay buffer."""
+        bs = self.trainer.cfg.batch_size
+        n_replay = int(round(bs * self.cfg.replay_fraction)) if self.cfg.replay_buffer else 0
+        n_fresh = max(1, bs - n_replay)
+        order = sorted(range(len(lists)), key=lambda i: len(lists[i]["type"]))  # similar lengths together
+        chunks = []
+        for _ in range(self.cfg.passes):
+            shuffled = [order[i:i + n_fresh] for i in range(0, len(order), n_fresh)]
+            self.rng.shuffle(shuffled)
+            chunks += shuffled
+        cap = self.cfg.max_steps_per_batch
+        logs, deferred = [], 0
+        for c, chunk in enumerate(chunks):
+            if cap and c >= cap:
+                deferred += len(chunk) if c < len(chunks) // self.cfg.passes else 0
+                continue
+            fresh = [lists[i] for i in chunk]
+            replay = self.rng.sample(list(self.buffer), min(n_replay, len(self.buffer))) if n_replay else []
+            logs.append(self.trainer.step(collate(fresh + replay)))
+        if self.cfg.replay_buffer:
+            self.buffer.extend(lists)
+        self.totals["steps"] += len(logs)
+        self.totals["deferred"] += deferred
+        out: dict = {"steps": len(logs), "deferred": deferred}
+        if logs:
+            for k in logs[0]:
+                vals = [r[k] for r in logs if k in r]
+                keep = k in ("lr", "grad_norm", "loss", "soft_positives", "hard_negatives") or k.startswith("w_")
+                out[k if keep else f"loss_{k}"] = float(
+                    np.mean(vals)) if k != "grad_norm" else float(max(vals))
+            s = self.since
+            s["steps"] += len(logs)
+            s["grad_norm"] = max(s["grad_norm"], out["grad_norm"])
+            s["loss"] = out["loss"] if math.isfinite(s["loss"]) else s["loss"]   # a NaN sticks until publish
+        return out
+
+    # ------------------------------------------------------------------ publish bookkeeping
+    def _fresh_since(self) -> dict:
+        return {"eval": EvalSums(k=self.cfg.eval_k), "steps": 0, "grad_norm": 0.0, "loss": 0.0,
+                "started": time.monotonic()}
+
+    def publish_figures(self) -> dict:
+        """Test-then-train figures, steps, max gradient norm and loss since the last publish."""
+        s = self.since
+        return {"metrics": s["eval"].means() | {"steps": s["steps"], "total_steps": self.trainer.steps},
+                "grad_norm": s["grad_norm"], "loss": s["loss"], "steps": s["steps"],
+                "seconds": time.monotonic() - s["started"]}
+
+    def published(self) -> None:
+        """Start the next span of figures (after a publish or a refused one)."""
+        self.since = self._fresh_since()

@@ -1,0 +1,90 @@
+"""A published model version as a ready-to-use model: for serving and for resuming learning.
+
+A version (see `unirec.ops.registry`) holds the retrieval-side item vectors of the
+live items with their ids, the model weights as a flat tensor dict ("ranking":
+trunk, heads, embedding tables, plus `item_pieces`), and the item table
+(`idtable`: row of each live id, last-seen time, capacity). `model_from_arrays`
+turns those arrays back into a `UnifiedRecommender` whose rows match the
+table, so the published item vectors and `model.item_embeddings()` agree row for
+row. `load_snapshot` takes any object with a `load(version)` method returning such
+arrays (the registry: checksums verified, safetensors only); this module imports
+neither the registry nor anything beyond torch and numpy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from unirec.model.batching import REC, SEARCH, History
+from unirec.model.config import ModelConfig
+from unirec.model.model import UnifiedRecommender
+from unirec.model.text import hash_pieces
+from unirec.model.vocab import ItemTable
+
+
+def model_config_from(d: dict) -> ModelConfig:
+    """ModelConfig from a manifest's dict (keys this code does not know are ignored)."""
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in d.items() if k in names})
+
+
+def model_from_arrays(mc: ModelConfig, item_ids: list[str], weights: dict, table_arrays: dict, *,
+                      expire_after_s: float = 0.0, pieces_of: Callable[[str], list[int]] | None = None
+                      ) -> tuple[UnifiedRecommender, ItemTable]:
+    """(model, item table) from a version's weights and id table arrays."""
+    weights = {k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()}
+    table = ItemTable.restore(list(item_ids), table_arrays, weights["item_pieces"], mc.max_item_pieces,
+                              expire_after_s=expire_after_s, pieces_of=pieces_of)
+    model = UnifiedRecommender(mc, table)
+    model.resize_items(table.n_rows)
+    model.load_state_dict({k: v for k, v in weights.items() if k != "item_pieces"})
+    model.refresh_items()
+    table.changed = False
+    return model, table
+
+
+@dataclass
+class Snapshot:
+    model: UnifiedRecommender           # eval mode
+    table: ItemTable                    # item id <-> row
+    version: str
+    manifest: Any                       # the registry's Manifest
+    item_embeddings: np.ndarray         # (n_live, d) published retrieval vectors, rows of `item_ids`
+    item_ids: list[str]
+
+    def history(self, item_ids: Sequence[str], labels: Sequence[int], ts: Sequence[int],
+                surfaces: Sequence[str], query_texts: Sequence[str | None]) -> History:
+        return history_from_columns(item_ids, labels, ts, surfaces, query_texts, self.table, self.model.cfg)
+
+
+def load_snapshot(registry, version: str = "latest") -> Snapshot:
+    """Load and verify a version (registry.load) and build its model, in eval mode."""
+    v = registry.load(version)
+    mc = model_config_from(v.manifest.model_config)
+    model, table = model_from_arrays(mc, v.item_ids, v.ranking, v.extra["idtable"])
+    model.eval()
+    return Snapshot(model, table, v.manifest.version, v.manifest, v.item_embeddings, list(v.item_ids))
+
+
+@functools.lru_cache(maxsize=65536)
+def _query_pieces(text: str, n_buckets: int, ngram: int, max_pieces: int) -> tuple[int, ...]:
+    # a user's queries come back with every later event of theirs: hash each text once
+    return tuple(hash_pieces(text, n_buckets, ngram=ngram, max_pieces=max_pieces))
+
+
+def history_from_columns(item_ids: Sequence[str], labels: Sequence[int], ts: Sequence[int],
+                         surfaces: Sequence[str], query_texts: Sequence[str | None], table, mc: ModelConfig
+                         ) -> History:
+    """A model History from plain columns (e.g. a Feast user sequence); items the table
+    does not know map to row 0 (unknown) - reading never allocates rows."""
+    queries = [None if (q is None or s != "search") else
+               (list(_query_pieces(q, mc.n_buckets, mc.ngram, mc.max_query_pieces)) or None)
+               for q, s in zip(query_texts, surfaces)]
+    return History(table.rows(item_ids), np.asarray(labels, dtype=np.int64), np.asarray(ts, dtype=np.int64),
+                   np.array([SEARCH if s == "search" else REC for s in surfaces], dtype=np.int64), queries)

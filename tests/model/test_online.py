@@ -1,0 +1,170 @@
+"""Online learning: growing/expiring item table, test-then-train, replay, snapshot round trip."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from unirec.model.config import EnhancerConfig, ModelConfig, OnlineConfig, TrainConfig, WeighterConfig
+from unirec.model.online import Example, OnlineLearner
+from unirec.model.snapshot import history_from_columns, model_from_arrays
+from unirec.model.vocab import ItemTable
+
+DAY = 86400
+MC = ModelConfig(d_model=16, n_heads=2, n_buckets=100, max_len=8, dropout=0.0, max_item_pieces=4, ngram=0)
+TC = TrainConfig(lr=1e-2, batch_size=8, threads=1, enhancer=EnhancerConfig(warmup_steps=2, positions=8, top_k=3),
+                 weighter=WeighterConfig(every=2))
+
+
+def learner(**online):
+    return OnlineLearner.fresh(MC, TC, OnlineConfig(**{"item_capacity": 4, "replay_buffer": 50} | online),
+                               pieces_of=lambda i: [int(i) % 90 + 1])
+
+
+def example(user, items, t0, n_new=None, search_every=0):
+    n = len(items)
+    surfaces = ["search" if search_every and k % search_every == 0 else "rec" for k in range(n)]
+    return Example(str(user), [str(i) for i in items], [int(i) % 2 for i in items],
+                   [t0 + 60 * k for k in range(n)], surfaces,
+                   [f"film {i}" if s == "search" else None for i, s in zip(items, surfaces)],
+                   n if n_new is None else n_new)
+
+
+def cyclic_batch(start, users=6, length=10, t0=10**9):
+    """Item i is followed by i + 1 (cyclic over 12 items), from different offsets per user."""
+    return [example(u, [(start + u + k) % 12 + 1 for k in range(length)], t0) for u in range(users)]
+
+
+# ---------------------------------------------------------------- the item table
+
+def test_new_ids_get_rows_without_a_restart_and_the_table_doubles_when_full():
+    t = ItemTable(4, 2, pieces_of=lambda i: [7])
+    rows, new = t.assign(["a", "b", "c"], [1, 2, 3])
+    assert list(rows) == [1, 2, 3] and new == [1, 2, 3] and t.n_rows == 4
+    rows, new = t.assign(["a", "d"], [4, 5])            # full: grows
+    assert rows[0] == 1 and new == [rows[1]] and t.n_rows == 7 and t.grown == 1
+    assert t.item_id(rows[1]) == "d" and t.pieces[rows[1], 0] == 7 and t.live.sum() == 4
+
+
+def test_items_unseen_for_the_expiry_time_lose_their_rows_which_are_reused():
+    t = ItemTable(4, 2, expire_after_s=10 * DAY)
+    t.assign(["a", "b", "c"], [0, 0, 20 * DAY])
+    freed = t.expire(25 * DAY)                           # a, b last seen 25 days ago
+    assert sorted(freed) == [1, 2] and t.expired == 2 and t.row("a") == 0 and t.row("c") == 3
+    rows, new = t.assign(["e"], [25 * DAY])
+    assert new == [1] and t.n_rows == 4                  # reused, not grown
+    assert list(t.live) == [False, True, False, True]
+
+
+def test_table_restore_gives_back_rows_and_last_seen():
+    t = ItemTable(4, 2, pieces_of=lambda i: [int(i)])
+    t.assign(["1", "2", "3", "9"], [5, 6, 7, 8])
+    back = ItemTable.restore(t.live_ids(), t.arrays(), t.pieces, 2)
+    assert back.index == t.index and back.n_rows == t.n_rows and back.free == t.free
+    assert all(back.last_seen[r] == t.last_seen[r] for r in t.index.values())
+
+
+# ---------------------------------------------------------------- the learner
+
+def test_windows_make_every_new_event_a_target_exactly_once():
+    lr = learner()
+    h = history_from_columns([str(i % 12 + 1) for i in range(30)], [1] * 30, list(range(30)), ["rec"] * 30,
+                             [None] * 30, lr.table, MC)
+    for n_new in (1, 5, 8, 13, 30):
+        lists = lr._windows(h, n_new)
+        assert sum(sum(1 for x in w["rank_label"] if x >= 0) for w in lists) == n_new
+        assert all(len([x for x in w["type"] if x == 0]) <= MC.max_len for w in lists)
+
+
+def test_growing_table_keeps_training_and_optimiser_state_in_step():
+    lr = learner(item_capacity=4)
+    stats = lr.process(cyclic_batch(0))
+    assert stats["items_new"] == 12 and lr.table.n_rows >= 13 and stats["steps"] >= 1
+    emb = lr.model.item_emb.weight
+    assert emb.shape[0] == lr.table.n_rows
+    assert lr.trainer.opt.state[emb]["exp_avg"].shape == emb.shape
+    assert sum(p is emb for g in lr.trainer.opt.param_groups for p in g["params"]) == 1
+
+
+def test_test_then_train_scores_the_batch_with_the_model_before_it_trains_on_it():
+    lr = learner()
+    lr.process(cyclic_batch(0))                          # items exist, model partly trained
+    batch = cyclic_batch(3)
+    before = copy.deepcopy(lr)
+    expected = before.evaluate([w for e in batch for w in before._windows(before._history(e), e.n_new)]).means()
+    stats = lr.process(batch)
+    assert stats["eval"]["ndcg@10"] == pytest.approx(expected["ndcg@10"])
+    # every new event with an event before it is scored once (a user's first event has no state to predict from)
+    assert stats["eval"]["eval_events"] == sum(e.n_new for e in batch) - len(batch)
+    assert stats["steps"] >= 1 and not torch.equal(lr.model.item_emb.weight, before.model.item_emb.weight)
+
+
+def test_online_updates_learn_the_stream():
+    lr = learner(replay_fraction=0.25)
+    first = lr.process(cyclic_batch(0))["eval"]["ndcg@10"]
+    for s in range(1, 40):
+        last = lr.process(cyclic_batch(s))
+    assert last["eval"]["ndcg@10"] > max(0.5, first + 0.3)
+    assert last["eval"]["auc"] > 0.8                       # odd items liked
+
+
+def test_expired_items_are_no_longer_candidates():
+    lr = learner(expire_after_s=DAY)
+    lr.process([example(1, [1, 2, 3], 0)])
+    lr.process([example(2, [4, 5], 3 * DAY)])              # 1, 2, 3 expire (watermark moved 3 days)
+    scores = lr.model.retrieval_scores(torch.zeros(1, MC.d_model) + 1.0)
+    live = lr.table.live
+    assert torch.isinf(scores[0, ~torch.as_tensor(live)]).all() and torch.isfinite(scores[0, torch.as_tensor(live)]).all()
+    assert lr.table.expired == 3 and sorted(lr.table.live_ids()) == ["4", "5"]
+
+
+def test_replay_buffer_is_bounded_and_mixed_into_steps():
+    lr = learner(replay_buffer=5, replay_fraction=0.5)
+    for s in range(3):
+        lr.process(cyclic_batch(s))
+    assert len(lr.buffer) == 5
+
+
+def test_max_steps_per_batch_defers_the_rest_and_counts_it():
+    lr = learner(max_steps_per_batch=1)
+    stats = lr.process(cyclic_batch(0, users=12, length=20))
+    assert stats["steps"] == 1 and stats["deferred"] > 0 and lr.totals["deferred"] == stats["deferred"]
+
+
+def test_snapshot_round_trip_restores_model_table_and_optimiser():
+    lr = learner()
+    for s in range(3):
+        lr.process(cyclic_batch(s, length=6))
+    snap = lr.snapshot()
+    back = OnlineLearner.from_arrays(MC, TC, OnlineConfig(item_capacity=4), item_ids=snap["item_ids"],
+                                     weights=snap["ranking"], table_arrays=snap["extra"]["idtable"],
+                                     trainer_arrays=snap["extra"]["trainer"])
+    back.model.eval()
+    lr.model.eval()
+    h = [history_from_columns(["1", "2", "3"], [1, 0, 1], [1, 2, 3], ["rec"] * 3, [None] * 3, lr.table, MC)]
+    torch.testing.assert_close(back.model.user_state(h), lr.model.user_state(h))
+    rows = [lr.table.row(i) for i in snap["item_ids"]]
+    np.testing.assert_allclose(back.model.item_embeddings()[rows].detach().numpy(), snap["item_embeddings"],
+                               rtol=1e-6, atol=1e-6)
+    assert back.trainer.steps == lr.trainer.steps
+    p = dict(back.model.named_parameters())["blocks.0.attn.qkv.weight"]
+    q = dict(lr.model.named_parameters())["blocks.0.attn.qkv.weight"]
+    torch.testing.assert_close(back.trainer.opt.state[p]["exp_avg"], lr.trainer.opt.state[q]["exp_avg"])
+    model, table = model_from_arrays(MC, snap["item_ids"], snap["ranking"], snap["extra"]["idtable"])
+    assert table.index == lr.table.index and model.item_live.sum() == len(snap["item_ids"])
+
+
+def test_publish_figures_cover_the_span_since_the_last_publish():
+    lr = learner()
+    lr.process(cyclic_batch(0))
+    lr.process(cyclic_batch(1))
+    f = lr.publish_figures()
+    assert f["metrics"]["eval_events"] == 2 * 6 * 9 and f["steps"] == lr.trainer.steps and f["grad_norm"] > 0
+    lr.published()
+    assert lr.publish_figures()["metrics"]["eval_events"] == 0 and lr.publish_figures()["steps"] == 0
+
+
+def test_search_events_are_scored_with_the_query():
+    lr = learner()
+    stats = lr.process([example(u, [(u + k) % 12 + 1 for k in range(9)], 10**9, search_every=3) for u in range(4)])
+    assert stats["eval"]["eval_search_events"] == 4 * 3 and stats["eval"]["search_recall@10"] is not None
