@@ -14,7 +14,12 @@ committed. `unirec features apply` (or `OnlineStore.apply()`) registers them.
   lists; the offline store only backs the sources.
 * `item_stats` (push source `item_stats_push`): clicks, positives and CTR per window
   (`clicks_1h`, `ctr_7d`, ... and `_all`), plus `last_event_ts`.
-* Room is left for an `item_embedding` view on the `item` entity (not defined yet).
+* `item_embedding` (push source `item_embedding_push`): each live item's retrieval
+  vector in the latest *published* model version (`Array(Float32)`), that version's
+  name and its publish time; written by the publisher (ops/publish.py) after the
+  registry has the version, so a reader may see a version's vectors only once the
+  version itself is durable. Items a newer version no longer holds keep their last
+  row; compare `model_version` with the registry's `latest` to tell.
 
 The feature views have no TTL (`ttl=0`): the online value is the latest state,
 however old; consumers read `last_event_ts` to judge freshness.
@@ -26,13 +31,14 @@ from pathlib import Path
 
 import yaml
 from feast import Entity, FeatureView, Field, FileSource, PushSource, ValueType
-from feast.types import Array, Float64, Int64, String
+from feast.types import Array, Float32, Float64, Int64, String
 
 from unirec.features import item_stats
 from unirec.features.config import FeaturesConfig
 
-USER_VIEW, ITEM_VIEW = "user_sequence", "item_stats"
-USER_PUSH, ITEM_PUSH = "user_sequence_push", "item_stats_push"
+USER_VIEW, ITEM_VIEW, EMBEDDING_VIEW = "user_sequence", "item_stats", "item_embedding"
+USER_PUSH, ITEM_PUSH, EMBEDDING_PUSH = "user_sequence_push", "item_stats_push", "item_embedding_push"
+EMBEDDING_FEATURES = (("embedding", Array(Float32)), ("model_version", String), ("published_at", Int64))
 TS_COLUMN = "event_timestamp"
 
 # user_sequence columns: (feature name, Feast type). Order is the push DataFrame's order.
@@ -64,8 +70,11 @@ def build(cfg: FeaturesConfig) -> list:
                             timestamp_field=TS_COLUMN)
     item_batch = FileSource(name="item_stats_offline", path=str(off / "item_stats.parquet"),
                             timestamp_field=TS_COLUMN)
+    emb_batch = FileSource(name="item_embedding_offline", path=str(off / "item_embedding.parquet"),
+                           timestamp_field=TS_COLUMN)
     user_push = PushSource(name=USER_PUSH, batch_source=user_batch)
     item_push = PushSource(name=ITEM_PUSH, batch_source=item_batch)
+    emb_push = PushSource(name=EMBEDDING_PUSH, batch_source=emb_batch)
     user_view = FeatureView(
         name=USER_VIEW, entities=[user], ttl=timedelta(0), online=True, source=user_push,
         schema=[Field(name=n, dtype=t) for n, t in USER_FEATURES],
@@ -74,7 +83,11 @@ def build(cfg: FeaturesConfig) -> list:
         name=ITEM_VIEW, entities=[item], ttl=timedelta(0), online=True, source=item_push,
         schema=[Field(name=n, dtype=t) for n, t in item_features(cfg)],
         description="Clicks, positives and CTR of an item over sliding event-time windows.")
-    return [user, item, user_push, item_push, user_view, item_view]
+    emb_view = FeatureView(
+        name=EMBEDDING_VIEW, entities=[item], ttl=timedelta(0), online=True, source=emb_push,
+        schema=[Field(name=n, dtype=t) for n, t in EMBEDDING_FEATURES],
+        description="Retrieval vector of an item in the latest published model version.")
+    return [user, item, user_push, item_push, emb_push, user_view, item_view, emb_view]
 
 
 def repo_config(cfg: FeaturesConfig) -> dict:

@@ -185,6 +185,30 @@ class OnlineStore:
                         lambda: item_rows(c, cfg))
         return len(stats)
 
+    def push_item_embeddings(self, item_ids: Sequence[str], vectors, version: str, published_at: int) -> int:
+        """Write each item's vector of a published version (vectors: (N, d) array-like)."""
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+
+        when = _naive_utc(published_at)
+        rows = []
+        for iid, vec in zip(item_ids, vectors):
+            emb = Value()
+            emb.float_list_val.val.extend(float(x) for x in vec)
+            f = {"embedding": emb, "model_version": Value(string_val=version),
+                 "published_at": Value(int64_val=int(published_at))}
+            rows.append((EntityKey(join_keys=["item_id"], entity_values=[Value(string_val=str(iid))]), f, when, None))
+        view = self._view(definitions.EMBEDDING_VIEW)
+        for c in _chunks(rows, self.cfg.push_batch_rows):
+            self.store._get_provider().online_write_batch(self.store.config, view, c, None)
+        return len(rows)
+
+    def read_item_embeddings(self, item_ids: Sequence[str]) -> dict[str, dict]:
+        """{item_id: {"embedding": [...], "model_version": str, "published_at": int}} of items that have one."""
+        names = [n for n, _ in definitions.EMBEDDING_FEATURES]
+        return {r["item_id"]: {n: r[n] for n in names}
+                for r in self._read(definitions.EMBEDDING_VIEW, names, "item_id", item_ids, False)}
+
     def _read(self, view: str, names: list[str], key: str, ids: Sequence[str], fast: bool) -> Iterable[dict]:
         ids = list(dict.fromkeys(ids))
         for chunk in _chunks(ids, self.cfg.read_batch_rows):

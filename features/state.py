@@ -17,6 +17,14 @@ include every event before those offsets and none after, so nothing is lost or
 applied twice. (Kafka's own committed offset may lag behind; it is only a
 convenience for monitoring, the store's offsets win.)
 
+**Training log.** With online learning on, `commit_batch(..., examples=...)` also
+stores the batch's training examples (JSON) in `train_log`, in the same transaction.
+A model version is durable only once published; the log holds what the learner
+trained on since, so the Kafka offsets can move on while the examples stay
+durable: after a crash the learner reloads the last published version and re-trains
+on `train_log_after(version's batch)`. `prune_train_log(upto)` drops what a
+published version covers.
+
 Offsets never move backwards: a commit with a smaller offset than the stored one
 keeps the stored one, so a confused caller cannot make the store re-apply events.
 The outbox rows carry the id of the batch that last wrote them, and `mark_pushed`
@@ -43,6 +51,7 @@ CREATE TABLE IF NOT EXISTS offsets (topic TEXT NOT NULL, partition INTEGER NOT N
 CREATE TABLE IF NOT EXISTS outbox (kind TEXT NOT NULL, key TEXT NOT NULL, batch INTEGER NOT NULL,
     PRIMARY KEY (kind, key)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS train_log (batch INTEGER PRIMARY KEY, examples TEXT NOT NULL);
 """
 # States are rowid tables (rows of a few KB are a poor fit for WITHOUT ROWID) updated in
 # place by an upsert, which measured ~2x faster than INSERT OR REPLACE (delete + insert).
@@ -100,8 +109,9 @@ class StateStore:
         return {i: item_stats.from_record(i, loads(s)) for i, s in self._select("items", "item_id", item_ids)}
 
     def commit_batch(self, users: Iterable[UserSequence], items: Iterable[ItemStats],
-                     offsets: Mapping[tuple[str, int], int]) -> int:
-        """Atomically store states, next offsets and outbox rows; returns the batch id."""
+                     offsets: Mapping[tuple[str, int], int], *, examples: list | None = None) -> int:
+        """Atomically store states, next offsets, outbox rows and (if given) the batch's
+        training examples (JSON-able dicts); returns the batch id."""
         user_rows = [(s.user_id, _dumps(sequence.to_record(s))) for s in users]
         item_rows = [(s.item_id, _dumps(item_stats.to_record(s))) for s in items]
         db = self._db
@@ -119,6 +129,8 @@ class StateStore:
                 [(t, p, o) for (t, p), o in offsets.items()])
             db.executemany(_OUTBOX, [("user", u, batch) for u, _ in user_rows])
             db.executemany(_OUTBOX, [("item", i, batch) for i, _ in item_rows])
+            if examples:
+                db.execute("INSERT INTO train_log VALUES (?, ?)", (batch, _dumps(examples)))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -150,10 +162,25 @@ class StateStore:
             db.execute("ROLLBACK")
             raise
 
+    def train_log_after(self, batch: int) -> Iterable[tuple[int, list]]:
+        """(batch id, examples) of every logged batch after `batch`, oldest first."""
+        for b, ex in self._db.execute("SELECT batch, examples FROM train_log WHERE batch > ? ORDER BY batch",
+                                      (batch,)):
+            yield b, json.loads(ex)
+
+    def prune_train_log(self, upto: int) -> int:
+        """Drop the logged examples of batches <= `upto` (a published version covers them)."""
+        with self._db:
+            return self._db.execute("DELETE FROM train_log WHERE batch <= ?", (upto,)).rowcount
+
+    def last_batch(self) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE name = 'batch'").fetchone()
+        return row[0] if row else 0
+
     def counts(self) -> dict[str, int]:
         """Row counts per table (for status output and tests)."""
         return {t: self._db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-                for t in ("users", "items", "offsets", "outbox")}
+                for t in ("users", "items", "offsets", "outbox", "train_log")}
 
     def all_users(self) -> Iterable[UserSequence]:
         for u, s in self._db.execute("SELECT user_id, state FROM users"):

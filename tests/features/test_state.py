@@ -79,7 +79,7 @@ def test_a_failed_commit_leaves_nothing_behind(tmp_path):
     with StateStore(tmp_path / "s.db") as st:
         with pytest.raises(Boom):
             batch(st, [click("a", "u", "x", 10)], BadOffsets())
-        assert st.counts() == {"users": 0, "items": 0, "offsets": 0, "outbox": 0}
+        assert st.counts() == {"users": 0, "items": 0, "offsets": 0, "outbox": 0, "train_log": 0}
         assert batch(st, [click("a", "u", "x", 10)], {("clicks", 0): 1}) == 1
 
 
