@@ -7,11 +7,13 @@ from typing import Literal
 
 @dataclass(frozen=True)
 class KafkaTopics:
-    """Topic names. `ensure_topics` creates every non-null one (add e.g. `model_updates` here)."""
+    """Topic names. `ensure_topics` creates every non-null one."""
 
     clicks: str = "clicks"             # click/v1 events, keyed by user_id
     queries: str = "queries"           # query/v1 events, keyed by user_id
     dead_letter: str = "dead-letter"   # dead-letter/v1 records (unirec.streaming.deadletter)
+    model_updates: str = "model-updates"  # model-update/v1 notices, one per published version (ops/publish.py)
+    exposures: str = "exposures"       # exposure/v1 records of served lists, keyed by user_id (unirec.ops.serving)
 
 
 @dataclass(frozen=True)

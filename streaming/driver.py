@@ -42,6 +42,12 @@ staged). Pushes run one at a time in commit order, so an older state never
 overwrites a newer one online, and `mark_pushed(batch=newest staged)` clears only
 outbox rows whose newest state has been pushed.
 
+With online learning (`learning=streaming.online.OnlineLoop`), step 2 also runs the
+FineTune stage (test-then-train on the batch's changed users), step 4 also writes
+the batch's training examples to the state store's training log, and right after
+step 4 the loop publishes a model version when one is due (see streaming/online.py
+for what survives a crash).
+
 On start (`Driver.open`): re-push whatever the outbox holds (a crash between 4 and
 5), then seek every partition to the state store's offset; partitions the store
 has never seen start from the group's committed offset, else the earliest.
@@ -153,16 +159,19 @@ class Driver:
     """Runs micro-batches until stopped; see the module docstring for the protocol."""
 
     def __init__(self, kafka_cfg: KafkaConfig, streaming_cfg: StreamingConfig,
-                 features_cfg: FeaturesConfig, *, online=None, on_batch: Callable | None = None):
+                 features_cfg: FeaturesConfig, *, online=None, on_batch: Callable | None = None,
+                 learning=None):
         self.kafka_cfg, self.cfg, self.features_cfg = kafka_cfg, streaming_cfg, features_cfg
         self.spec = batch_spec(kafka_cfg, streaming_cfg, features_cfg)
         self.online = online
+        self.learning = learning      # streaming.online.OnlineLoop: FineTune + publishing (None: features only)
         self.on_batch = on_batch
         self.positions: dict[TP, int] = {}
         self.totals: Counter = Counter()
         self._last_full = 0.0
         self._last_cut = 0
         self._lag = 0            # unread records per the end offsets at the last plan
+        self.last_lags: dict[TP, int] = {}
         self._stop = False
         self._pending = None
         self._pusher = None
@@ -183,6 +192,17 @@ class Driver:
         self.consumer = KafkaConsumer(**kw, group_id=self.cfg.group_id, enable_auto_commit=False)
         self._committer = KafkaConsumer(**kw, group_id=self.cfg.group_id, enable_auto_commit=False)
         self.producer = KafkaProducer(**kw, acks="all", linger_ms=5)
+        if self.learning is not None:
+            import dataclasses
+
+            from unirec.features.online import OnlineStore
+
+            self.spec = dataclasses.replace(self.spec, examples=True,
+                                            finetune=self.learning.finetune_spec(self.cfg.runner))
+            # its own Feast client: the push thread uses self.online concurrently
+            emb_store = OnlineStore(self.features_cfg) if self.learning_pushes_embeddings() else None
+            self.learning.open(self.store, online_store=emb_store, producer=self.producer,
+                               notice_topic=self.kafka_cfg.topics.model_updates)
         # The push of batch N runs while batch N+1 is read and merged (own clients: neither
         # kafka-python consumers nor sqlite3 connections are shared across threads).
         self._push_store = StateStore(self.features_cfg.state_path)
@@ -193,6 +213,11 @@ class Driver:
         self.recover()
         self.refresh_partitions()
         return self
+
+    def learning_pushes_embeddings(self) -> bool:
+        from unirec.features.online import OnlineStore
+
+        return isinstance(self.online, OnlineStore)
 
     def close(self) -> None:
         if getattr(self, "_pusher", None) is not None:
@@ -255,6 +280,7 @@ class Driver:
         tps = [TopicPartition(*tp) for tp in self.positions]
         ends = {(t.topic, t.partition): o for t, o in self.consumer.end_offsets(tps).items()}
         lags = {tp: max(0, ends.get(tp, 0) - pos) for tp, pos in self.positions.items()}
+        self.last_lags = lags    # per partition, for monitoring (replaced, never mutated: safe to read)
         self._lag = sum(lags.values())
         cut, expect = now_ms, ends
         if sum(lags.values()) > self.cfg.max_batch_events:
@@ -311,9 +337,14 @@ class Driver:
         dead = send_dead_letters(self.producer, self.kafka_cfg.topics.dead_letter, out.dead_letters)
         secs["dead_letters"], t = time.perf_counter() - t, time.perf_counter()
         offsets = {tp: o for tp, o in out.offsets.items() if o > self.positions.get(tp, 0)}
-        batch_id = self.store.commit_batch(out.users, out.items, offsets)
+        batch_id = self.store.commit_batch(out.users, out.items, offsets,
+                                           examples=out.examples if self.learning is not None else None)
         self.positions.update(offsets)
         secs["commit"] = time.perf_counter() - t
+        if self.learning is not None:
+            t = time.perf_counter()
+            self.learning.after_commit(batch_id, out.train, out.examples, dict(self.positions))
+            secs["learn"] = time.perf_counter() - t
         self._stage(batch_id, out, offsets, dead, secs)
         return out.records
 
@@ -438,6 +469,8 @@ class Driver:
                     time.sleep(self.cfg.idle_sleep_s)
                 else:
                     self.poll_pushed()
+                    if self.learning is not None:
+                        self.learning.tick(dict(self.positions))
                     time.sleep(self.cfg.idle_sleep_s)
         finally:
             self.wait_pushed()

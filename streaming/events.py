@@ -15,6 +15,8 @@ click/v1 (topic `kafka.topics.clicks`)
                                              must be null/absent when surface is "rec"
     position  int >= 0 | null                optional (slot the item was shown in)
     rating    int 1..5 | null                optional (explicit rating, when there is one)
+    request_id non-empty string | null       optional (the served list the click came from; attributes
+                                             the click to an A/B arm, see unirec.ops.experiments)
 
 query/v1 (topic `kafka.topics.queries`)
     schema    "query/v1"                     required
@@ -92,6 +94,7 @@ class ClickEvent:
     query_id: str | None = None
     position: int | None = None
     rating: int | None = None
+    request_id: str | None = None
 
     schema = "click/v1"
 
@@ -276,7 +279,8 @@ def _click(obj: dict, now_s: float, limits: EventLimits) -> ClickEvent:
     rating = _int(obj, "rating", required=False)
     if rating is not None and not 1 <= rating <= 5:
         raise DecodeError("bad_value", "rating", f"must be 1..5, got {rating}")
-    return ClickEvent(event_id, user_id, item_id, ts, label, surface, query_id, position, rating)
+    request_id = _string(obj, "request_id", ids, required=False)
+    return ClickEvent(event_id, user_id, item_id, ts, label, surface, query_id, position, rating, request_id)
 
 
 def _query(obj: dict, now_s: float, limits: EventLimits) -> QueryEvent:
@@ -315,11 +319,14 @@ def decode(raw: bytes, kind: Kind | None = None, *, now_s: float, limits: EventL
 def to_dict(event: Event) -> dict:
     """The wire object of an event, schema first (same keys as events.jsonl)."""
     if isinstance(event, ClickEvent):
-        return {
+        d = {
             "schema": event.schema, "event_id": event.event_id, "user_id": event.user_id,
             "item_id": event.item_id, "ts": event.ts, "label": event.label, "rating": event.rating,
             "surface": event.surface, "query_id": event.query_id, "position": event.position,
         }  # fmt: skip
+        if event.request_id is not None:  # optional: clicks without it keep their exact wire form
+            d["request_id"] = event.request_id
+        return d
     if isinstance(event, QueryEvent):
         return {
             "schema": event.schema, "event_id": event.event_id, "user_id": event.user_id,

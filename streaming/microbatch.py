@@ -49,7 +49,7 @@ from unirec.streaming.transforms import (
     BatchSpec, MicroBatch, group_by_key_group, parse_records, progress_of, update_items, update_users,
 )
 
-OUTPUT_KINDS = ("users", "items", "dead_letters", "progress")
+OUTPUT_KINDS = ("users", "items", "dead_letters", "progress", "examples", "train")
 
 
 @dataclass
@@ -58,6 +58,8 @@ class BatchOutputs:
     items: list = field(default_factory=list)         # ItemStats, one per changed item
     dead_letters: list = field(default_factory=list)  # DeadLetter
     progress: list = field(default_factory=list)      # transforms.progress_of tuples, one per range
+    examples: list = field(default_factory=list)      # training example dicts (online learning)
+    train: list | None = None                         # FineTune figures (None: the stage did not run)
     seconds: float = 0.0
     path: str = "beam"                                # "beam" | "in_process"
 
@@ -112,8 +114,10 @@ def _read_outputs(out_dir: Path) -> BatchOutputs:
         kind = path.name.split("-", 1)[0]
         with open(path, "rb") as f:
             element = pickle.load(f)
-        if kind == "progress":
+        if kind in ("progress",):
             out.progress.append(element)
+        elif kind == "train":
+            out.train = (out.train or []) + [element]
         else:
             getattr(out, kind).extend(element)
     return out
@@ -140,7 +144,7 @@ def build_pipeline(p: beam.Pipeline, plan_path: str, spec: BatchSpec, out_dir: s
     outs = ranges | "MicroBatch" >> MicroBatch(spec)
     # One sink for everything: some runners (Beam 2.77's DaskRunner) compute only the
     # pipeline's last leaf, so every output must flow into it.
-    labelled = [outs[kind] | f"Label_{kind}" >> beam.ParDo(_Label(kind)) for kind in OUTPUT_KINDS]
+    labelled = [outs[kind] | f"Label_{kind}" >> beam.ParDo(_Label(kind)) for kind in OUTPUT_KINDS if kind in outs]
     labelled | "AllOutputs" >> beam.Flatten() | "WriteOutputs" >> beam.ParDo(_WriteOutput(out_dir))
 
 
@@ -246,9 +250,14 @@ def run_in_process(ranges: list[ReadRange], spec: BatchSpec, store) -> BatchOutp
         res = update_users(group, store.get_users, spec=spec)
         out.users.extend(res.states)
         out.dead_letters.extend(res.dead)
+        out.examples.extend(res.examples)
         clicks.extend(res.applied_clicks)
     # Items only after every user group: a click of any group may touch any item.
     for group in group_by_key_group(clicks, lambda c: c.item_id, spec.key_groups).values():
         out.items.extend(update_items(group, store.get_items, spec=spec))
+    if spec.finetune is not None and out.examples:
+        from unirec.streaming.finetune import learn, shared_slot
+
+        out.train = [learn(shared_slot(spec.finetune).learner, out.examples)]
     out.seconds = time.perf_counter() - t0
     return out

@@ -60,6 +60,7 @@ from unirec.streaming.kafka_source import POOL, ReadRange, read_range
 DEAD_LETTER = "dead_letter"
 PROGRESS = "progress"
 APPLIED_CLICKS = "applied_clicks"
+EXAMPLES = "examples"
 NAMESPACE = "unirec"
 
 
@@ -79,6 +80,8 @@ class BatchSpec:
     allowed_lateness_s: int = 3600
     item_bucket_s: int = 3600
     item_windows_s: tuple[int, ...] = (3600, 86400, 604800)
+    examples: bool = False              # emit training examples (online learning on)
+    finetune: Any = None                # streaming.finetune.FineTuneSpec: run FineTune inside the pipeline
 
     @property
     def merge_kwargs(self) -> dict:
@@ -122,6 +125,7 @@ class UserUpdate(NamedTuple):
     states: list              # new UserSequence of every user that changed
     applied_clicks: list      # clicks the merges applied (input of the item stats)
     dead: list                # DeadLetter for duplicate / late events
+    examples: list            # training example dicts (spec.examples), see streaming.finetune
 
 
 # ----------------------------------------------------------------------------- plain functions
@@ -184,7 +188,9 @@ def update_users(parsed: Iterable[Parsed], get_users: Callable[[list[str]], Mapp
     for p in parsed:
         per_user.setdefault(p.event.user_id, []).append(p)
     users = list(per_user)
-    out = UserUpdate([], [], [])
+    out = UserUpdate([], [], [], [])
+    if spec.examples:
+        from unirec.streaming.finetune import example_of, new_tail
     for i in range(0, len(users), spec.state_batch):
         chunk = users[i:i + spec.state_batch]
         stored = get_users(chunk)
@@ -195,7 +201,10 @@ def update_users(parsed: Iterable[Parsed], get_users: Callable[[list[str]], Mapp
             res = sequence.merge(old, user_id, [p.event for p in ordered], **spec.merge_kwargs)
             if res.applied:
                 out.states.append(res.state)
-                out.applied_clicks.extend(res.applied_clicks)
+                clicks = res.applied_clicks
+                out.applied_clicks.extend(clicks)
+                if spec.examples and (n := new_tail(old, res.state, len(clicks))):
+                    out.examples.append(example_of(res.state, n))
             for event, reason in res.rejected:
                 out.dead.append(_rejection(by_id[id(event)], reason, res.state, spec.allowed_lateness_s))
     return out
@@ -348,6 +357,8 @@ class UpdateUserSequence(_ReadsStateStore):
             yield emit(APPLIED_CLICKS, (group, [event_to_tuple(c) for c in clicks]))
         if res.states:
             yield emit(MAIN, res.states)
+        if res.examples:
+            yield emit(EXAMPLES, res.examples)
 
 
 class UpdateItemStats(_ReadsStateStore):
@@ -363,10 +374,12 @@ class UpdateItemStats(_ReadsStateStore):
 
 
 class MicroBatch(beam.PTransform):
-    """ReadRange work items -> {"users", "items", "dead_letters", "progress"}.
+    """ReadRange work items -> {"users", "items", "dead_letters", "progress"}, plus
+    "examples" (training example dicts) with `spec.examples` and "train" (one dict of
+    test-then-train figures per batch) with `spec.finetune`.
 
-    Every output element is a list (of UserSequence, ItemStats, DeadLetter), except
-    "progress" (one tuple per range)."""
+    Every output element is a list (of UserSequence, ItemStats, DeadLetter, example
+    dicts), except "progress" (one tuple per range) and "train"."""
 
     def __init__(self, spec: BatchSpec):
         super().__init__()
@@ -379,9 +392,18 @@ class MicroBatch(beam.PTransform):
         merged = (parsed[MAIN]
                   | "GroupByUserKeyGroup" >> beam.GroupByKey()
                   | "UpdateUserSequence" >> MultiOutput(UpdateUserSequence(spec),
-                                                        (MAIN, DEAD_LETTER, APPLIED_CLICKS)))
+                                                        (MAIN, DEAD_LETTER, APPLIED_CLICKS, EXAMPLES)))
         items = (merged[APPLIED_CLICKS]
                  | "GroupByItemKeyGroup" >> beam.GroupByKey()
                  | "UpdateItemStats" >> beam.ParDo(UpdateItemStats(spec)))
         dead = (parsed[DEAD_LETTER], merged[DEAD_LETTER]) | "AllDeadLetters" >> beam.Flatten()
-        return {"users": merged[MAIN], "items": items, "dead_letters": dead, "progress": read[PROGRESS]}
+        outs = {"users": merged[MAIN], "items": items, "dead_letters": dead, "progress": read[PROGRESS]}
+        if spec.examples:
+            outs["examples"] = merged[EXAMPLES]
+        if spec.finetune is not None:
+            from unirec.streaming.finetune import FineTune
+
+            outs["train"] = (merged[EXAMPLES]
+                             | "GatherExamples" >> beam.combiners.ToList()
+                             | "FineTune" >> beam.ParDo(FineTune(spec.finetune)))
+        return outs

@@ -7,11 +7,19 @@
   already created, so tests sharing the broker never see each other's records.
 * `start_kafka` (per test): a factory for brokers of the test's own (restarts,
   kills), all stopped after the test.
+* `pipeline_process` (per test): `unirec pipeline run` as a child process with its
+  log lines in a queue (for SIGKILL tests).
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+import queue
 import socket
+import subprocess
+import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -52,7 +60,8 @@ def start_broker(run_dir: Path, attempts: int = 3) -> KafkaConfig:
 def unique_topics(prefix: str = "") -> KafkaTopics:
     suffix = uuid.uuid4().hex[:8]
     return KafkaTopics(clicks=f"{prefix}clicks-{suffix}", queries=f"{prefix}queries-{suffix}",
-                       dead_letter=f"{prefix}dead-letter-{suffix}")  # fmt: skip
+                       dead_letter=f"{prefix}dead-letter-{suffix}", model_updates=f"{prefix}model-updates-{suffix}",
+                       exposures=f"{prefix}exposures-{suffix}")  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -86,3 +95,56 @@ def start_kafka(tmp_path: Path):
     yield _start
     for cfg in started:
         broker.stop(cfg)
+
+
+# ---------------------------------------------------------------- `unirec pipeline run` as a real process
+
+def unirec_command() -> list[str]:
+    script = Path(sys.executable).with_name("unirec")
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from unirec.cli import main; main()"]
+
+
+class Pipeline:
+    """`unirec pipeline run` as a child process, with its log lines in a queue."""
+
+    def __init__(self, config: Path, *args: str):
+        self.proc = subprocess.Popen([*unirec_command(), "-c", str(config), "pipeline", "run", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     cwd=config.parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.lines: queue.Queue = queue.Queue()
+        self.log: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.log.append(line)
+            self.lines.put(line)
+
+    def wait_for_batch(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.5)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            if " batch " in line:
+                return
+        raise AssertionError("the pipeline applied no batch:\n" + "".join(self.log[-30:]))
+
+
+@pytest.fixture
+def pipeline_process():
+    """`pipeline_process(config, *args) -> Pipeline`: `unirec pipeline run` in a child process
+    (killed after the test if still running)."""
+    started: list[Pipeline] = []
+
+    def _start(config: Path, *args: str) -> Pipeline:
+        started.append(Pipeline(config, *args))
+        return started[-1]
+
+    yield _start
+    for p in started:
+        if p.proc.poll() is None:
+            p.proc.kill()

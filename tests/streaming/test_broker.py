@@ -110,7 +110,7 @@ def test_cli_lifecycle_and_data_survive_a_restart(tmp_path, capsys):
         assert main([*cli, "status"]) == 3 and "stopped" in capsys.readouterr().out
         assert main([*cli, "start"]) == 0
         out = capsys.readouterr().out
-        assert f"running at 127.0.0.1:{port}" in out and "3 created" in out
+        assert f"running at 127.0.0.1:{port}" in out and f"{len(broker.topic_names(cfg))} created" in out
         pid = broker.status(cfg).pid
         assert (tmp_path / "run" / "broker.pid").read_text().strip() == str(pid)
         assert (tmp_path / "run" / "broker.log").is_file()
@@ -155,8 +155,9 @@ def _commit(cfg: KafkaConfig, topic: str, group: str, offset: int) -> TopicParti
 def test_ensure_topics_is_idempotent_and_uses_the_configured_partitions(kafka_broker):
     cfg = dataclasses.replace(kafka_broker, partitions=4,
                               topics=dataclasses.replace(kafka_broker.topics, clicks="c-parts", queries="q-parts",
-                                                         dead_letter="dl-parts"))  # fmt: skip
-    assert sorted(broker.ensure_topics(cfg)) == ["c-parts", "dl-parts", "q-parts"]
+                                                         dead_letter="dl-parts", model_updates="mu-parts",
+                                                         exposures="ex-parts"))  # fmt: skip
+    assert sorted(broker.ensure_topics(cfg)) == ["c-parts", "dl-parts", "ex-parts", "mu-parts", "q-parts"]
     assert broker.ensure_topics(cfg) == []
     consumer = KafkaConsumer(**broker.client_kwargs(cfg))
     assert consumer.partitions_for_topic("c-parts") == {0, 1, 2, 3}

@@ -248,3 +248,14 @@ def test_the_orjson_fast_path_decides_exactly_as_the_strict_parser(raw, kind):
         m.setattr(events, "_orjson_loads", None)
         strict = _outcome(raw, kind)
     assert fast == strict
+
+
+def test_a_click_may_carry_the_request_id_of_the_list_it_came_from():
+    """Optional `request_id` (A/B attribution): decoded, re-encoded, and still strictly typed."""
+    e = decode(click(request_id="r-42", position=3), "click", now_s=NOW)
+    assert (e.request_id, e.position) == ("r-42", 3)
+    assert decode(encode(e), now_s=NOW) == e and json.loads(encode(e))["request_id"] == "r-42"
+    assert decode(CLICK_LINE, "click", now_s=NOW).request_id is None
+    assert "request_id" not in json.loads(encode(decode(CLICK_LINE, now_s=NOW)))  # old clicks: same wire form
+    assert (rejected(click(request_id=7)).reason, rejected(click(request_id=7)).field) == ("wrong_type", "request_id")
+    assert rejected(click(request_id=" ")).reason == "bad_value"

@@ -3,11 +3,8 @@ the online features equal the ones computed directly from the source events."""
 from __future__ import annotations
 
 import os
-import queue
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -32,48 +29,14 @@ def write_config(tmp_path: Path, kafka_cfg) -> Path:
         "streaming": {"group_id": f"eo-{tmp_path.name}", "max_batch_events": 300, "max_wait_s": 0.5,
                       "recheck_s": 1.0, "work_dir": str(tmp_path / "work")},
         "features": {"repo_dir": str(tmp_path / "feast"), "state_path": str(tmp_path / "state.sqlite")},
+        "online": {"enabled": False},        # features only here; tests/streaming/test_online.py kills learners
     }
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-def unirec_command() -> list[str]:
-    script = Path(sys.executable).with_name("unirec")
-    return [str(script)] if script.exists() else [sys.executable, "-c", "from unirec.cli import main; main()"]
-
-
-class Pipeline:
-    """`unirec pipeline run` as a child process, with its log lines in a queue."""
-
-    def __init__(self, config: Path, *args: str):
-        self.proc = subprocess.Popen([*unirec_command(), "-c", str(config), "pipeline", "run", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     cwd=config.parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.lines: queue.Queue = queue.Queue()
-        self.log: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            self.log.append(line)
-            self.lines.put(line)
-
-    def wait_for_batch(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.5)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            if " batch " in line:
-                return
-        raise AssertionError("the pipeline applied no batch:\n" + "".join(self.log[-30:]))
-
-
-def test_sigkill_at_random_moments_loses_and_duplicates_nothing(kafka_cfg, tmp_path):
+def test_sigkill_at_random_moments_loses_and_duplicates_nothing(kafka_cfg, tmp_path, pipeline_process):
     rng = random.Random(int(os.environ.get("UNIREC_TEST_SEED", "7")))
     lines = source_stream(EVENTS, 10_000)
     chunks = [lines[i * len(lines) // KILLS:(i + 1) * len(lines) // KILLS] for i in range(KILLS)]
@@ -82,7 +45,7 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(kafka_cfg, tmp_p
     for chunk in chunks:
         producer = threading.Thread(target=replay, args=(chunk, kafka_cfg), kwargs={"rate": 2000})
         producer.start()
-        run = Pipeline(config)
+        run = pipeline_process(config)
         try:
             run.wait_for_batch(timeout_s=180)
             time.sleep(rng.uniform(0.0, 2.0))  # somewhere inside the batch protocol
@@ -93,7 +56,7 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(kafka_cfg, tmp_p
                 run.proc.kill()
             producer.join()
     assert kills >= 5
-    final = Pipeline(config, "--once")
+    final = pipeline_process(config, "--once")
     assert final.proc.wait(timeout=600) == 0, "".join(final.log[-30:])
 
     from unirec.features.online import OnlineStore

@@ -16,6 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--once", action="store_true", help="stop as soon as a batch finds nothing new (caught up)")
     run.add_argument("--max-batches", type=int, default=None, metavar="N", help="stop after N non-empty batches")
     run.add_argument("-q", "--quiet", action="store_true", help="no per-batch log lines")
+    run.add_argument("--no-learn", action="store_true",
+                     help="features only: no fine-tuning or publishing (same as online.enabled: false)")
     run.set_defaults(func=_run)
     status = sub.add_parser("status", help="state-store offsets, Kafka end offsets and the lag per partition")
     status.set_defaults(func=_status)
@@ -34,12 +36,19 @@ def _run(args: argparse.Namespace) -> int:
     try:
         cfg = load(args.config)
         ensure_topics(cfg.kafka)
-        driver = Driver(cfg.kafka, cfg.streaming, cfg.features)
+        learning = None
+        if cfg.online.enabled and not args.no_learn:
+            from unirec.streaming.online import from_config
+
+            learning = from_config(cfg)
+        driver = Driver(cfg.kafka, cfg.streaming, cfg.features, learning=learning)
         with driver:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: driver.stop())
             n = driver.run(once=args.once, max_batches=args.max_batches)
             totals = driver.totals
+            if learning is not None:
+                print(f"online learning: {learning.summary()}")
     except ConfigError as e:
         print(f"unirec pipeline run: {e}", file=sys.stderr)
         return 2

@@ -3,11 +3,15 @@
 1. prepare MovieLens-100k (`unirec data prepare`);
 2. use the Kafka cluster in `kafka.bootstrap_servers` if one answers, else start the
    embedded broker there (`unirec broker start`); create the topics;
-3. replay the stream into Kafka (`unirec replay`) in a background thread while
+3. replay the stream into Kafka (`unirec replay`, 2,000 events/s by default) in a
+   background thread while
 4. the micro-batch pipeline (`unirec pipeline run`) validates, merges and writes the
-   features to Feast, until the replay is done and the pipeline has caught up;
-5. train the unified model offline and test it (`unirec train --offline`);
-6. print a summary: what flowed where, the model's figures, and where the artefacts are.
+   features to Feast, test-then-trains the unified model on every micro-batch
+   (FineTune stage) and publishes a new version every `registry.publish.every_seconds`
+   (registry, Feast `item_embedding`, `model-updates` topic), until the replay is
+   done and the pipeline has caught up; a last version is published at the end;
+5. print a summary: events, versions, test-then-train figures over time, where the
+   artefacts are (and write the run report when `unirec report` is available).
 
 Every step is also its own command; this one only chains them. The embedded broker
 keeps running afterwards (`unirec broker stop`), so the topics can be inspected.
@@ -25,11 +29,10 @@ import time
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("run", help="the whole chain on embedded defaults (make run)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="replay only the first N events")
-    p.add_argument("--rate", type=float, default=None, metavar="EVENTS_PER_S", help="cap the replay rate")
-    p.add_argument("--train-budget", type=float, default=120.0, metavar="S",
-                   help="seconds of offline training (default 120, so the demo ends in minutes; "
-                        "`unirec train --offline` trains to early stopping)")
-    p.add_argument("--skip-train", action="store_true", help="stop after the features are online")
+    p.add_argument("--rate", type=float, default=2000.0, metavar="EVENTS_PER_S",
+                   help="replay rate (default 2000/s: ML-100k in ~1 minute; 0 = as fast as possible)")
+    p.add_argument("--no-learn", action="store_true",
+                   help="features only: no fine-tuning, no publishing (online.enabled: false does the same)")
     p.add_argument("--fresh", action="store_true",
                    help="start from nothing: stop the embedded broker and delete its data, the state store "
                         "and the Feast repo first (so a second run does not replay into the first one's topics)")
@@ -63,31 +66,74 @@ def _event_span_s(events_path) -> int:
     return int(last - first) + 1
 
 
-def _stream(cfg, events_path, args) -> dict:
+def _learning(cfg, data_dir, monitor):
+    from unirec.streaming.online import from_config
+
+    return from_config(cfg, monitor=monitor, catalogue=str(data_dir / "items.jsonl"))
+
+
+def _stream(cfg, events_path, args, learning=None) -> dict:
     from unirec.streaming.driver import Driver
 
     result: dict = {}
     t0 = time.monotonic()
-    replayer = _replay_in_background(cfg, events_path, args.limit, args.rate, result)
+    replayer = _replay_in_background(cfg, events_path, args.limit, args.rate or None, result)
     batches = 0
     # A full-speed replay squeezes months of event time into seconds, so a query that
     # reaches its batch a few ms after later clicks would look hours late. The replay is
     # history, not live traffic: allow lateness over its whole span (and say so).
     span = _event_span_s(events_path)
     features_cfg = cfg.features
-    if args.rate is None and span > features_cfg.allowed_lateness_s:
+    if span > features_cfg.allowed_lateness_s:
         features_cfg = dataclasses.replace(features_cfg, allowed_lateness_s=span)
-        _say(f"full-speed replay: allowed lateness widened to the stream's span ({span / 86400:.0f} days)")
-    with Driver(cfg.kafka, cfg.streaming, features_cfg) as driver:
+        _say(f"fast replay: allowed lateness widened to the stream's span ({span / 86400:.0f} days)")
+    monitor = learning.monitor if learning is not None else None
+    on_batch = None if monitor is None else (lambda report: monitor.on_batch(report, driver.last_lags))
+    with Driver(cfg.kafka, cfg.streaming, features_cfg, learning=learning, on_batch=on_batch) as driver:
+        last_say = time.monotonic()
         while True:
             batches += driver.run(max_batches=1)
+            if learning is not None and time.monotonic() - last_say > 15:
+                last_say = time.monotonic()
+                _say(_progress(driver, learning))
             if not replayer.is_alive():
                 batches += driver.run(once=True)     # drain what the replay left
                 break
+        if learning is not None and learning.learner.publish_figures()["steps"]:
+            learning.publish(learning.learner.state_batch, dict(driver.positions))   # the last steps too
         totals = dict(driver.totals)
     if "error" in result:
         raise result["error"]
     return {"replay": result["stats"], "batches": batches, "totals": totals, "seconds": time.monotonic() - t0}
+
+
+def _progress(driver, learning) -> str:
+    last = learning.state.last_stats or {}
+    ev = last.get("eval") or {}
+    ndcg = ev.get("ndcg@10")
+    return (f"{driver.totals['records']:,} records, {learning.learner.totals['steps']} steps, "
+            f"{learning.state.published} versions (latest {learning.learner.version}), "
+            f"last batch test-then-train NDCG@10 {'n/a' if ndcg is None else f'{ndcg:.4f}'}")
+
+
+def over_time(history: list[dict], slices: int = 8) -> list[dict]:
+    """Test-then-train figures in `slices` consecutive spans of batches, each the exact
+    mean over its events (weighted by the events each batch scored)."""
+    rows = [h for h in history if h.get("eval_events")]
+    if not rows:
+        return []
+    out, per = [], max(1, -(-len(rows) // slices))
+    for i in range(0, len(rows), per):
+        span = rows[i:i + per]
+        n = sum(r["eval_events"] for r in span)
+        ns = sum(r.get("eval_search_events") or 0 for r in span)
+        mean = lambda k, w: (sum((r.get(k) or 0.0) * (r.get(w) or 0) for r in span) / max(1, sum(
+            r.get(w) or 0 for r in span)) if any(r.get(k) is not None for r in span) else None)
+        out.append({"until_event_time": time.strftime("%Y-%m-%d", time.gmtime(span[-1]["watermark"] or 0)),
+                    "events": n, "hr@10": mean("hr@10", "eval_events"), "ndcg@10": mean("ndcg@10", "eval_events"),
+                    "auc": mean("auc", "eval_rank_events"),
+                    "search_recall@10": mean("search_recall@10", "eval_search_events") if ns else None})
+    return [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in out]
 
 
 def _sample_user(cfg, events_path) -> dict:
@@ -113,12 +159,13 @@ def _wipe(cfg) -> None:
         broker.stop(cfg.kafka)
     state = Path(cfg.features.state_path)
     for path in (Path(cfg.kafka.embedded.run_dir), Path(cfg.features.repo_dir), Path(cfg.streaming.work_dir),
+                 Path(cfg.registry.path),
                  state, state.with_name(state.name + "-wal"), state.with_name(state.name + "-shm")):
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    _say("fresh start: embedded broker data, state store and Feast repo removed")
+    _say("fresh start: embedded broker data, state store, Feast repo and model registry removed")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -145,8 +192,12 @@ def _run(args: argparse.Namespace) -> int:
     else:
         _say(f"starting the embedded broker: {broker.start(cfg.kafka)}")
     broker.ensure_topics(cfg.kafka)
-    _say("replaying MovieLens-100k into Kafka while the pipeline writes features to Feast")
-    flow = _stream(cfg, data_dir / "events.jsonl", args)
+    learn = cfg.online.enabled and not args.no_learn
+    monitor = _monitor(cfg)
+    learning = _learning(cfg, data_dir, monitor) if learn else None
+    _say("replaying MovieLens-100k into Kafka while the pipeline writes features to Feast"
+         + (", fine-tunes the model on every micro-batch and publishes versions" if learn else ""))
+    flow = _stream(cfg, data_dir / "events.jsonl", args, learning)
     summary = {
         "events_replayed": flow["replay"].events,
         "feast_online_sample": _sample_user(cfg, data_dir / "events.jsonl"),
@@ -155,13 +206,46 @@ def _run(args: argparse.Namespace) -> int:
         "artefacts": {"events": str(data_dir / "events.jsonl"), "feature_repo": cfg.features.repo_dir,
                       "state_store": cfg.features.state_path, "broker_log": f"{cfg.kafka.embedded.run_dir}/broker.log"},
     }
-    if not args.skip_train:
-        _say("training the unified model offline (RecBole leave-one-out protocol)")
-        from unirec.cli.train import train_and_save
+    if learning is not None:
+        summary["online_learning"] = learning.summary() | {
+            "test_then_train_over_time": over_time(learning.history),
+            "versions": [{"version": v["version"], "accepted": v["accepted"], "reasons": v["reasons"],
+                          "until_event_time": time.strftime("%Y-%m-%d", time.gmtime(v["watermark"] or 0)),
+                          "ndcg@10": v["metrics"].get("ndcg@10"), "eval_events": v["metrics"].get("eval_events")}
+                         for v in learning.versions]}
+        summary["artefacts"]["registry"] = cfg.registry.path
+    if monitor is not None:
+        monitor.close()
+        summary["artefacts"]["metrics_log"] = cfg.monitoring.log_path
+        try:
+            from pathlib import Path
 
-        tc = dataclasses.replace(cfg.train, time_budget_s=args.train_budget)
-        result = train_and_save(cfg.model, tc, data_dir, log=_say)
-        summary["artefacts"]["model"] = result.pop("checkpoint")
-        summary["model"] = result
+            from unirec.ops.report import write_report
+
+            html = write_report(cfg.monitoring.log_path, cfg.registry.path, Path(cfg.monitoring.log_path).parent / "report")
+            summary["artefacts"]["report"] = str(html)
+        except Exception as e:  # noqa: BLE001 - the run's results stand without the plots
+            _say(f"report not written: {e}")
     print(json.dumps(summary, indent=2, default=str))
+    if "report" in summary["artefacts"]:
+        _say(f"report: {summary['artefacts']['report']}")
     return 0
+
+
+def _monitor(cfg):
+    """Prometheus /metrics + the run log (a busy port only loses the endpoint, not the run)."""
+    from pathlib import Path
+
+    from unirec.ops.monitor import Monitor
+
+    log_path = Path(cfg.monitoring.log_path)
+    if log_path.exists():
+        log_path.unlink()                     # one run per log: the report reads this run only
+    t = cfg.kafka.topics
+    monitor = Monitor(cfg.monitoring, topics=[t.clicks, t.queries])
+    try:
+        monitor.start()
+        _say(f"metrics at http://{cfg.monitoring.bind.rsplit(':', 1)[0]}:{monitor.port}/metrics")
+    except (RuntimeError, OSError) as e:
+        _say(f"no /metrics endpoint ({e}); the run log is still written")
+    return monitor
