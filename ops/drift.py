@@ -19,6 +19,9 @@ Each function answers one operator question and is exported as a gauge by
     first (string order), so the result is deterministic. Rows are processed in
     chunks, so memory is O(chunk * n_shared), not O(n_shared^2); time is
     O(n_shared^2 log n_shared) (exact search: fine up to ~10^4-10^5 items).
+  With `max_items` set and more shared ids than that, both statistics are
+  computed over an evenly spaced subset of the sorted shared ids (deterministic,
+  so consecutive publishes compare the same items); `shared` still counts all.
   Embedding drift is only meaningful between versions trained from one another
   (fine-tuning keeps the space); a retrain from scratch can rotate the space
   and shows as large cosine distance with a high neighbour overlap.
@@ -38,6 +41,12 @@ Each function answers one operator question and is exported as a gauge by
 * **New-id share** (`new_id_share`): share of the *distinct* ids of a window
   that are absent from a reference set (`by_events=True`: share of the window's
   occurrences instead, i.e. of the traffic that hits new ids).
+* **Input drift of a window** (`input_drift`): the item-popularity JS divergence
+  and the query-term divergence against the *previous* window, and the share of
+  the window's distinct items / users never seen in any earlier window. The
+  first window has no reference: every field is NaN (not 1.0: "all ids are new"
+  would only say that the pipeline just started). A window without clicks has
+  NaN item fields; one side without query terms gives a NaN query divergence.
 * **Query-term divergence** (`query_term_divergence`): JS divergence (as above)
   between the term counts of two windows of query texts; terms are lower-cased
   runs of word characters (`\\w+`).
@@ -71,6 +80,13 @@ class EmbeddingDrift(NamedTuple):
     neighbour_overlap: float      # in [0, 1]; NaN if fewer than 2 shared ids
     shared: int                   # ids present in both versions
     k: int                        # neighbours compared per id (min(k, shared - 1))
+
+
+class InputDrift(NamedTuple):
+    item_popularity_js: float     # vs the previous window, base 2, in [0, 1]
+    new_item_share: float         # distinct items never seen in earlier windows
+    new_user_share: float         # distinct users never seen in earlier windows
+    query_terms_js: float         # vs the previous window
 
 
 class Calibration(NamedTuple):
@@ -130,10 +146,12 @@ def _top_k(unit: np.ndarray, k: int, chunk: int) -> np.ndarray:
 
 # ---- embedding drift -------------------------------------------------------------------------
 def embedding_drift(ids_a: Sequence[Hashable], emb_a, ids_b: Sequence[Hashable], emb_b, *,
-                    k: int = 10, chunk: int = 1024) -> EmbeddingDrift:
+                    k: int = 10, chunk: int = 1024, max_items: int | None = None) -> EmbeddingDrift:
     """Drift of item embeddings from version a to version b (see the module docstring)."""
     if k < 1:
         raise ValueError(f"k: must be >= 1, got {k}")
+    if max_items is not None and max_items < 2:
+        raise ValueError(f"max_items: must be >= 2, got {max_items}")
     index_a, ea = _embedding_table(ids_a, emb_a, "a")
     index_b, eb = _embedding_table(ids_b, emb_b, "b")
     if ea.shape[1] != eb.shape[1]:
@@ -142,10 +160,12 @@ def embedding_drift(ids_a: Sequence[Hashable], emb_a, ids_b: Sequence[Hashable],
     n = len(shared)
     if n == 0:
         return EmbeddingDrift(math.nan, math.nan, 0, 0)
+    if max_items is not None and n > max_items:
+        shared = [shared[i] for i in np.linspace(0, n - 1, max_items).round().astype(np.int64)]
     ua = _unit_rows(ea[[index_a[i] for i in shared]])                # (n, d)
     ub = _unit_rows(eb[[index_b[i] for i in shared]])                # (n, d)
     cos_dist = float(np.mean(1.0 - np.einsum("nd,nd->n", ua, ub)))
-    k_eff = min(k, n - 1)
+    k_eff = min(k, len(shared) - 1)
     if k_eff == 0:
         return EmbeddingDrift(cos_dist, math.nan, n, 0)
     na, nb = _top_k(ua, k_eff, chunk), _top_k(ub, k_eff, chunk)
@@ -221,6 +241,23 @@ def query_term_divergence(reference_texts: Iterable[str], current_texts: Iterabl
     if not cur:
         raise ValueError("current_texts: no terms")
     return js_divergence(ref, cur)
+
+
+def input_drift(items: Mapping[Hashable, float], users: Iterable[Hashable], terms: Mapping[str, float], *,
+                previous_items: Mapping[Hashable, float] | None, previous_terms: Mapping[str, float] | None,
+                seen_items: set, seen_users: set) -> InputDrift:
+    """Drift of one window of input (item click counts, users, query-term counts) against the
+    previous window and the ids of all earlier windows; `previous_items=None`: the first window."""
+    if previous_items is None:
+        return InputDrift(math.nan, math.nan, math.nan, math.nan)
+    users = set(users)
+    has_items = any(c > 0 for c in items.values())
+    js_items = js_divergence(previous_items, items) if has_items and any(
+        c > 0 for c in previous_items.values()) else math.nan
+    new_items = new_id_share([i for i, c in items.items() if c > 0], seen_items) if has_items else math.nan
+    new_users = new_id_share(users, seen_users) if users else math.nan
+    js_terms = js_divergence(previous_terms, terms) if previous_terms and terms else math.nan
+    return InputDrift(js_items, new_items, new_users, js_terms)
 
 
 # ---- calibration -----------------------------------------------------------------------------

@@ -28,6 +28,15 @@ group), so it is right on the embedded broker, whose group tooling we do not
 use. A broker that under-reports end offsets would make the lag read low but
 never negative (clamped at 0); noida-db reports them correctly.
 
+**Who sets what.** `unirec.ops.monitor.Monitor` turns the driver's batch reports,
+the online learner's step stats and its publish events into these metrics (and
+drift gauges); nothing else in the pipeline touches them. Training figures are
+gauges of the last step (`unirec_train_loss{head}`, `unirec_eval_quality{metric}`:
+test-then-train, i.e. measured on a batch before training on it), plus counters
+of steps, evaluated events and non-finite losses (a counter, so that a NaN
+between two scrapes is still seen). Feature freshness is Kafka arrival to
+features online, per record, from a bounded sample of each batch.
+
 **Serving and processes.** `serve(registry, bind)` exposes `/metrics` on a
 daemon thread. In the default deployment every metric is set by the driver
 process: the Beam workers (FnApiRunner threads, Dask worker processes) hand
@@ -45,6 +54,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from collections import Counter as _Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -61,10 +71,15 @@ DEFAULT_BIND = "127.0.0.1:9464"
 BATCH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 # feature writes: a Feast push of one batch, ms to seconds
 WRITE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# arrival in Kafka -> features online: the arrival grace (0.5 s) plus a batch or two, up to minutes under backlog
+FRESHNESS_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
 TopicPartition = tuple[str, int]
 # dead-letter reasons of valid events rejected by the per-user merge (unirec.features.sequence)
 MERGE_REASONS = ("duplicate", "late")
+LOSS_HEADS = ("retrieval", "ranking", "search")
+WEIGHTED_HEADS = ("retrieval", "ranking")          # the adaptive weighter's heads
+EVAL_METRICS = ("hr@10", "ndcg@10", "auc", "search_recall@10")
 
 
 class PipelineMetrics:
@@ -72,6 +87,7 @@ class PipelineMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry if registry is not None else CollectorRegistry()
+        self._version: str | None = None
 
         def counter(name, doc, labels=()):
             return Counter(name, doc, labels, registry=r)
@@ -101,8 +117,59 @@ class PipelineMetrics:
             ("path",), registry=r, buckets=BATCH_BUCKETS)
         self.feature_write_duration = Histogram(
             "unirec_feature_write_duration_seconds",
-            "Wall time of one push to the Feast online store (kind: users | items).",
+            "Wall time of one push to the Feast online store (kind: users | items, or all when one "
+            "timing covers both, as in the driver's batch report).",
             ("kind",), registry=r, buckets=WRITE_BUCKETS)
+        self.feature_freshness = Histogram(
+            "unirec_feature_freshness_seconds",
+            "Kafka arrival of a record to its features being online (a stride sample of <= 1000 "
+            "records per batch; the count is the sample size).",
+            registry=r, buckets=FRESHNESS_BUCKETS)
+        self.last_batch_time = gauge(
+            "unirec_pipeline_last_batch_timestamp_seconds", "Unix time the last micro-batch's push completed.")
+        self.events_watermark = gauge(
+            "unirec_events_watermark_seconds", "Largest event time (epoch s) seen by the online learner.")
+
+        # ---- online training (test-then-train: each batch is evaluated, then trained on) ------
+        self.train_steps = counter("unirec_train_steps_total", "Optimizer steps of the online learner.")
+        self.train_sequences = counter("unirec_train_sequences_total", "History windows trained on.")
+        self.train_loss = gauge(
+            "unirec_train_loss", "Last training loss per head (head: retrieval | ranking | search).", ("head",))
+        self.train_nonfinite_loss = counter(
+            "unirec_train_nonfinite_loss_total", "Training steps reporting a NaN or infinite loss, per head.",
+            ("head",))
+        self.loss_weight = gauge(
+            "unirec_train_loss_weight", "Adaptive loss weight per head (head: retrieval | ranking).", ("head",))
+        self.learning_rate = gauge("unirec_train_learning_rate", "Current learning rate of the online learner.")
+        self.grad_norm = gauge("unirec_train_grad_norm", "Last pre-clipping gradient norm.")
+        self.train_watermark = gauge(
+            "unirec_train_watermark_seconds", "Event time (epoch s) of the newest data trained on.")
+        self.eval_quality = gauge(
+            "unirec_eval_quality",
+            "Test-then-train quality of the last evaluated batch, before training on it "
+            "(metric: hr@10 | ndcg@10 | auc | search_recall@10).", ("metric",))
+        self.eval_events = counter("unirec_eval_events_total", "Events evaluated test-then-train.")
+        self.items_live = gauge("unirec_model_items_live", "Items in the model's live item table.")
+        self.items_added = counter("unirec_model_items_added_total", "Items added to the model's item table.")
+        self.items_expired = counter("unirec_model_items_expired_total", "Items expired from the model's item table.")
+        self.users_added = counter("unirec_model_users_added_total", "Users first seen by the online learner.")
+
+        # ---- publishing (unirec.ops.registry, unirec.ops.gate) ---------------------------------
+        self.publishes = counter("unirec_model_publishes_total", "Model versions published to the registry.")
+        self.gate_rejections = counter(
+            "unirec_model_gate_rejections_total", "Candidates the publish gate refused, by reason.", ("reason",))
+        self.model_version = gauge(
+            "unirec_model_version_info", "The version the learner last published (value 1).", ("version",))
+        self.last_publish_time = gauge(
+            "unirec_model_last_publish_timestamp_seconds",
+            "Unix time of the last publish (set when training starts, so that a learner that never "
+            "publishes is noticed).")
+        self.model_watermark = gauge(
+            "unirec_model_watermark_seconds", "Event time (epoch s) the last published version's data covers.")
+        self.monitor_errors = counter(
+            "unirec_monitor_errors_total",
+            "Monitor calls or values that could not be used (kind: batch | input_drift | train | publish | log).",
+            ("kind",))
 
         # ---- drift (unirec.ops.drift) -----------------------------------------------------
         self.embedding_cosine_distance = gauge(
@@ -135,8 +202,13 @@ class PipelineMetrics:
             # in multiprocess mode, where a late-starting process would overwrite the most
             # recent value; there the alert rules guard instead (overlap needs shared items).
             for g in (self.embedding_cosine_distance, self.embedding_neighbour_overlap, self.score_psi,
-                      self.item_popularity_js, self.query_terms_js, self.calibration_gap, self.calibration_ece):
+                      self.item_popularity_js, self.query_terms_js, self.calibration_gap, self.calibration_ece,
+                      # nor is a timestamp or a training figure of 0 a fact
+                      self.last_batch_time, self.events_watermark, self.learning_rate, self.grad_norm,
+                      self.train_watermark, self.items_live, self.last_publish_time, self.model_watermark):
                 g.set(math.nan)
+        for head in LOSS_HEADS:      # at 0, so that increase() sees the first NaN
+            self.train_nonfinite_loss.labels(head)
 
     # ---- recording -------------------------------------------------------------------------
     def init_topics(self, topics: Iterable[str], reasons: Iterable[str]) -> None:
@@ -170,6 +242,28 @@ class PipelineMetrics:
         self.embedding_cosine_distance.set(d.mean_cosine_distance)
         self.embedding_neighbour_overlap.set(d.neighbour_overlap)
         self.embedding_shared_items.set(d.shared)
+
+    def set_input_drift(self, d) -> None:
+        """`d`: a `drift.InputDrift`; NaN fields (first window, no queries) leave their gauge alone."""
+        for gauge, entity, value in ((self.item_popularity_js, None, d.item_popularity_js),
+                                     (self.new_id_ratio, "item", d.new_item_share),
+                                     (self.new_id_ratio, "user", d.new_user_share),
+                                     (self.query_terms_js, None, d.query_terms_js)):
+            if not math.isnan(value):
+                (gauge if entity is None else gauge.labels(entity)).set(value)
+
+    def set_model_version(self, version: str) -> None:
+        """The info metric: value 1 for the current version. In one process the previous
+        version's series is removed; in multiprocess mode (whose files cannot forget a series)
+        it is set to 0, so query `unirec_model_version_info == 1`."""
+        if values.ValueClass is values.MutexValue:
+            with warnings.catch_warnings():   # prometheus_client warns whenever the env var is set (Feast sets it)
+                warnings.filterwarnings("ignore", "Clearing labels", UserWarning)
+                self.model_version.clear()
+        elif self._version is not None and self._version != version:
+            self.model_version.labels(self._version).set(0)
+        self._version = version
+        self.model_version.labels(version).set(1)
 
     def set_calibration(self, c) -> None:
         """`c`: a `drift.Calibration`."""

@@ -225,3 +225,43 @@ def test_ece_sees_miscalibration_that_cancels_in_the_mean():
 def test_calibration_rejects_bad_input(pred, labels, match):
     with pytest.raises(ValueError, match=match):
         drift.calibration(pred, labels)
+
+
+# ---- embedding drift on a subset -------------------------------------------------------------
+def test_max_items_subsets_deterministically_and_changes_nothing_when_large_enough():
+    ids = [f"i{k:03d}" for k in range(120)]
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(120, 6)), rng.normal(size=(120, 6))
+    full = drift.embedding_drift(ids, a, ids, b)
+    assert drift.embedding_drift(ids, a, ids, b, max_items=120) == full
+    sub = drift.embedding_drift(ids, a, ids, b, max_items=30)
+    assert sub == drift.embedding_drift(ids[::-1], a[::-1], ids, b, max_items=30)   # row order does not matter
+    assert sub.shared == 120 and sub.k == 10
+    # the subset is every ~4th sorted id: the same figures as computing on exactly those ids
+    keep = np.linspace(0, 119, 30).round().astype(int)
+    on_subset = drift.embedding_drift([ids[i] for i in keep], a[keep], [ids[i] for i in keep], b[keep])
+    assert sub.mean_cosine_distance == pytest.approx(on_subset.mean_cosine_distance)
+    assert sub.neighbour_overlap == pytest.approx(on_subset.neighbour_overlap)
+
+
+# ---- input drift of a window -----------------------------------------------------------------
+def test_the_first_window_has_no_reference():
+    d = drift.input_drift({"a": 3}, ["u"], {"star": 1}, previous_items=None, previous_terms=None,
+                          seen_items=set(), seen_users=set())
+    assert all(math.isnan(x) for x in d)
+
+
+def test_input_drift_hand_case():
+    d = drift.input_drift({"a": 1, "b": 1}, ["u1", "u2", "u2"], {"war": 2},
+                          previous_items={"a": 1, "c": 1}, previous_terms={"war": 1, "star": 1},
+                          seen_items={"a", "c"}, seen_users={"u1"})
+    assert d.new_item_share == 0.5 and d.new_user_share == 0.5       # b of {a, b}; u2 of {u1, u2}
+    assert d.item_popularity_js == pytest.approx(0.5)                # half the mass moved to a disjoint id
+    assert d.query_terms_js == pytest.approx(drift.js_divergence({"war": 2}, {"war": 1, "star": 1}))
+
+
+def test_input_drift_without_clicks_or_queries_is_nan_for_those_parts():
+    d = drift.input_drift({}, ["u1"], {}, previous_items={"a": 1}, previous_terms={"x": 1},
+                          seen_items={"a"}, seen_users={"u1"})
+    assert math.isnan(d.item_popularity_js) and math.isnan(d.new_item_share) and math.isnan(d.query_terms_js)
+    assert d.new_user_share == 0.0

@@ -4,7 +4,7 @@ import importlib
 import sys
 
 # Each module here exposes `register(subparsers)`; the order is the help order.
-COMMAND_MODULES = ("run", "data", "broker", "replay", "pipeline", "features", "model", "train")
+COMMAND_MODULES = ("run", "data", "broker", "replay", "pipeline", "features", "model", "train", "report", "serve", "rollout")
 
 
 def main(argv: list[str] | None = None) -> int:
