@@ -17,10 +17,22 @@ RecBole does for it; `popularity_unmasked` is the like-for-like row),
 SASRec-like), `unified`, and the ablations `unified_no_enhancer`,
 `unified_no_weighter` (fixed weights 1/1), `unified_no_time` (no time bands:
 plain RoPE), `unified_no_query` (no query tokens; it answers a search with
-its recommendation state). Each neural variant gets the same training budget:
-`--budget` seconds (default 100: six variants + evaluation fit in ~15 min on
-2 cores) or, for equal compute whatever the CPU load, `--steps` optimiser
-steps; early stopping within it. The last stdout line is one JSON object.
+its recommendation state), `unified_no_repeat` (no learned repeat logit).
+
+The repeat logit (`ModelConfig.repeat_bias`, on in every other neural variant,
+`retrieval_only` included) is part of the model, not of the protocol: one
+learned scalar added to the score of each item already in the model's context
+window (its last `max_len` events), starting at 0. On ML-100k nobody rates a
+film twice, so it learns a large negative value; on data with re-consumption
+it would learn a positive one. The evaluation still ranks every item and
+masks nothing; items seen before the window get no offset. The
+`unified_no_repeat` row shows what the model scores without it.
+
+Each neural variant gets the same training budget: `--budget` seconds
+(default 100: seven variants + evaluation fit in ~15 min on 2 cores, one
+torch thread each) or, for equal compute whatever the CPU load, `--steps`
+optimiser steps; cosine learning-rate decay over the budget, early stopping
+within it. The last stdout line is one JSON object.
 """
 from __future__ import annotations
 
@@ -44,7 +56,7 @@ from unirec.data import prepare  # noqa: E402
 METRICS = ("hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20", "auc", "gauc",
            "search_recall@10", "search_ndcg@10", "train_seconds")
 VARIANTS = ("retrieval_only", "unified", "unified_no_enhancer", "unified_no_weighter",
-            "unified_no_time", "unified_no_query")
+            "unified_no_time", "unified_no_query", "unified_no_repeat")
 
 
 def variant_configs(name, mc, tc):
@@ -63,6 +75,8 @@ def variant_configs(name, mc, tc):
         return rep(mc, time_fraction=0.0), tc
     if name == "unified_no_query":
         return rep(mc, use_queries=False), tc
+    if name == "unified_no_repeat":
+        return rep(mc, repeat_bias=False), tc
     raise ValueError(f"unknown variant {name!r}")
 
 

@@ -5,7 +5,10 @@ user, time-ordered leave-one-out; the model trains on all but the last two
 clicks, early-stops on validation NDCG@10 and is tested on the last click given
 everything before it. Full ranking over every item; already-seen items are
 NOT masked (RecBole's sequential models do not mask them either), with
-pessimistic ties (`unirec.model.metrics`).
+pessimistic ties (`unirec.model.metrics`). Recommendation scores are
+`model.recommend_scores`, which include the model's learned repeat logit on the
+items of its context window (see `unirec.model.model`; off in the bench's
+`unified_no_repeat` row).
 
 Other held-out measures, on the same never-trained-on clicks:
 * ranking AUC / GAUC: each user's validation and test clicks, scored by the
@@ -106,7 +109,7 @@ def retrieval_metrics(model: UnifiedRecommender, ds: Dataset, cases: list[EvalCa
                  for c in chunk]
             scores = model.search_scores(hs, q, [c.ts for c in chunk])
         else:
-            scores = model.retrieval_scores(model.user_state(hs))
+            scores = model.recommend_scores(hs)
         ranks.append(metrics.target_ranks(scores, v.rows([c.item_id for c in chunk]), pad_index=0))
     return metrics.metrics_from_ranks(np.concatenate(ranks))
 

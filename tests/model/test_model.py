@@ -129,3 +129,83 @@ def test_lexical_index_rows_are_unit_idf_vectors():
     assert dense[0].abs().sum() == 0
     assert torch.allclose(dense[1:].norm(dim=1), torch.ones(3))
     assert idf[2] < idf[1] == idf[3]          # piece 2 is in two items, 1 and 3 in one
+
+
+def test_item_vectors_are_id_plus_mean_text_pieces_with_matching_gradients():
+    """The sparse-matrix fast path equals the plain gather-mask-mean, forward and backward."""
+    m = _model().train()
+    p = m.item_pieces
+    mask = (p > 0).unsqueeze(-1).float()
+    plain = m.item_emb.weight + (m.piece_emb(p) * mask).sum(1) / mask.sum(1).clamp(min=1)
+    w = torch.randn_like(plain)
+    (g_plain,) = torch.autograd.grad((plain * w).sum(), m.piece_emb.weight)
+    fast = m.item_vectors()
+    (g_fast,) = torch.autograd.grad((fast * w).sum(), m.piece_emb.weight)
+    assert torch.allclose(fast, plain, atol=1e-6) and torch.allclose(g_fast, g_plain, atol=1e-5)
+    assert torch.equal(fast[0], m.item_emb.weight[0])   # the padding row has no text
+
+
+def test_lexical_scores_are_scaled_cosines_of_idf_weighted_piece_bags():
+    """The CSR fast path against the plain dense cosine, including repeated and padding pieces."""
+    from unirec.model.model import lexical_index
+    m = _model()
+    pieces = torch.tensor([[5, 5, 17, 0], [m.item_pieces[3, 0].item(), 0, 0, 0], [0, 0, 0, 0]])
+    idf, lex = lexical_index(m.item_pieces, 300)
+    q = torch.zeros(3, 300)
+    for r, row in enumerate(pieces.tolist()):
+        for p in row:
+            q[r, p] += float(p > 0)
+    q = q * idf
+    q = q / q.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    expected = m.lex_scale.detach() * q @ lex.to_dense().T
+    got = m.lexical_scores(pieces)
+    assert torch.allclose(got, expected, atol=1e-5) and (got[1] > 0).any() and (got[2] == 0).all()
+    got.sum().backward()
+    assert m.lex_scale.grad is not None   # the learned weight still trains
+
+
+def test_repeat_scores_cover_exactly_the_items_the_state_has_seen():
+    m = _model()
+    with torch.no_grad():
+        m.repeat_logit.fill_(-0.7)
+    from unirec.model.batching import _tokens, collate
+    b = collate([_tokens(_hist([3, 4, 5]), 0, True, True), _tokens(_hist([6, 7]), 0, True, True)])
+    T = b["type"].shape[1]
+    # row 0: state after event 1 (feedback token 3) has seen items 3 and 4, not 5; row 1 sees 6 only
+    flat = torch.tensor([0 * T + 3, 1 * T + 1])
+    s = m.repeat_scores(b, flat)
+    w = -0.7 / m.cfg.temperature
+    assert s.shape == (2, 21)
+    assert torch.nonzero(s[0]).squeeze(1).tolist() == [3, 4] and torch.allclose(s[0, [3, 4]], torch.tensor([w, w]))
+    assert torch.nonzero(s[1]).squeeze(1).tolist() == [6]
+
+
+def _short_context_model(**kw):
+    torch.manual_seed(0)
+    return UnifiedRecommender(ModelConfig(d_model=32, n_heads=2, n_buckets=300, max_len=2, dropout=0.0, **kw),
+                              _vocab()).eval()
+
+
+def test_recommend_scores_add_the_repeat_logit_on_the_context_window_only():
+    m = _short_context_model()
+    with torch.no_grad():
+        m.repeat_logit.fill_(-1.0)
+    h = _hist([1, 2, 3])                                   # item 1 is outside the 2-event window
+    got = m.recommend_scores([h])
+    plain = m.retrieval_scores(m.user_state([h]))
+    diff = got - plain
+    assert torch.allclose(diff[0, [2, 3]], torch.full((2,), -1.0 / m.cfg.temperature))
+    assert diff[0, 1] == 0 and (diff[0, 4:] == 0).all()
+    off = _short_context_model(repeat_bias=False)
+    off.load_state_dict(m.state_dict())
+    assert torch.allclose(off.recommend_scores([h]), off.retrieval_scores(off.user_state([h])))
+
+
+def test_all_targets_trains_every_event_of_every_window():
+    h = _hist(list(range(1, 21)))
+    once = list(train_batches([h], 10, 8))
+    every = list(train_batches([h], 10, 8, all_targets=True))
+    n_once = sum(int((b["rank_label"] >= 0).sum()) for b in once)
+    n_every = sum(int((b["rank_label"] >= 0).sum()) for b in every)
+    assert n_once == 20                                   # each event once
+    assert n_every == sum(e - s for s, e, _ in windows(20, 10)) > 20

@@ -19,7 +19,7 @@ def _setup(**train_kw):
     mc = ModelConfig(d_model=16, n_heads=2, n_buckets=100, max_len=12, dropout=0.0)
     model = UnifiedRecommender(mc, Vocab.build(items, n_buckets=100, ngram=0, max_pieces=4))
     tc = TrainConfig(**{"lr": 1e-2, "batch_size": 8, "threads": 1,
-                        "enhancer": EnhancerConfig(warmup_steps=5, positions=8, top_k=3),
+                        "enhancer": EnhancerConfig(warmup_steps=5, positions=8, top_k=3, every=1),
                         "weighter": WeighterConfig(every=2)} | train_kw)
     return model, Trainer(model, tc)
 
@@ -89,3 +89,38 @@ def test_fit_stops_at_max_steps():
     model, tr = _setup(epochs=50, patience=50, max_steps=3, enhancer=EnhancerConfig(enabled=False))
     info = tr.fit(_cyclic_histories(32), lambda: 0.0, log=lambda s: None)
     assert info["steps"] == 3 and info["epochs"] == 1
+
+
+def test_enhancer_mines_on_every_nth_step_after_warmup():
+    model, tr = _setup(enhancer=EnhancerConfig(warmup_steps=2, positions=8, top_k=3, every=3))
+    batch = next(train_batches(_cyclic_histories(), 12, 8))
+    mined = ["hard_negatives" in tr.step(batch) for _ in range(9)]
+    assert mined == [False, False, True, False, False, True, False, False, True]
+
+
+def test_learning_rate_warms_up_decays_over_a_budgeted_fit_then_stays_constant_online():
+    model, tr = _setup(warmup_steps=3, max_steps=12, epochs=50, patience=50, min_lr_ratio=0.1,
+                       enhancer=EnhancerConfig(enabled=False))
+    tr.fit(_cyclic_histories(64), lambda: 0.0, log=lambda s: None)
+    lrs = [r["lr"] for r in tr.log]
+    assert len(lrs) == 12 and lrs[0] < lrs[1] < lrs[2]                   # warm-up
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] < 0.3 * 1e-2   # cosine decay
+    assert lrs[-1] >= 0.1 * 1e-2                                         # floor at min_lr_ratio * lr
+    batch = next(train_batches(_cyclic_histories(), 12, 8))
+    assert tr.step(batch)["lr"] == tr.step(batch)["lr"] == 1e-2          # after fit: constant (online)
+
+
+def test_repeat_logit_learns_that_users_do_not_come_back_when_they_never_do():
+    model, tr = _setup(enhancer=EnhancerConfig(enabled=False))
+    batch = next(train_batches(_cyclic_histories(), 12, 8))   # next item is never in the window
+    for _ in range(30):
+        tr.step(batch)
+    assert model.repeat_logit.item() < -0.05
+
+
+def test_budgeted_fit_validates_only_after_eval_after_share_of_the_budget():
+    model, tr = _setup(max_steps=40, epochs=50, patience=50, batch_size=4, eval_after=0.5,
+                       enhancer=EnhancerConfig(enabled=False))
+    seen = []
+    tr.fit(_cyclic_histories(8), lambda: seen.append(tr.steps) or 0.0, log=lambda s: None)
+    assert seen and min(seen) >= 20 and seen[-1] == 40

@@ -34,6 +34,10 @@ def write_dataset(folder: Path, n_users=20, n_items=40, n_ratings=600) -> None:
     (folder / "ml-100k.item").write_text("\n".join([ITEM, *items]) + "\n")
 
 
+def expected_clicks(events):
+    return [e for e in events if "item_id" in e]
+
+
 def test_run_replays_through_the_pipeline_into_feast_and_a_second_fresh_run_starts_over(tmp_path, capsys):
     write_dataset(tmp_path / "raw")
     cfg_path = tmp_path / "pipeline.yaml"
@@ -44,11 +48,15 @@ kafka:
   embedded: {{run_dir: {tmp_path}/broker}}
 streaming: {{work_dir: {tmp_path}/work, max_wait_s: 0.3}}
 features: {{repo_dir: {tmp_path}/feast, state_path: {tmp_path}/state.sqlite}}
+model: {{d_model: 16, n_layers: 1, max_len: 10, n_buckets: 500}}
+train: {{threads: 1}}
+registry: {{path: {tmp_path}/registry, publish: {{every_seconds: 0.5}}}}
+monitoring: {{bind: "127.0.0.1:0", log_path: {tmp_path}/run/metrics.jsonl}}
 """)
     cfg = load(cfg_path)
     try:
         for _ in range(2):   # the second --fresh run must not see the first run's events again
-            assert main(["-c", str(cfg_path), "run", "--fresh", "--skip-train"]) == 0
+            assert main(["-c", str(cfg_path), "run", "--fresh", "--rate", "0"]) == 0
             summary = json.loads(capsys.readouterr().out)
             events = [json.loads(line) for line in open(tmp_path / "cache/ml-100k/events.jsonl")]
             assert summary["events_replayed"] == len(events) > 600          # clicks + synthetic queries
@@ -60,5 +68,10 @@ features: {{repo_dir: {tmp_path}/feast, state_path: {tmp_path}/state.sqlite}}
             assert sample["user_id"] == first_user
             assert sample["clicks_online"] == len(expected)
             assert sample["last_items"] == expected[-5:]
+            learned = summary["online_learning"]
+            # the fresh run starts from an empty registry: its versions are its own
+            assert learned["versions"][0]["version"] == "v000001" and learned["versions_published"] >= 1
+            assert learned["learner"]["events"] == len(expected_clicks(events))
+            assert learned["test_then_train_over_time"] and Path(summary["artefacts"]["report"]).is_file()
     finally:
         broker.stop(cfg.kafka)

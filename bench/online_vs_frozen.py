@@ -1,0 +1,149 @@
+"""Online vs frozen: does fine-tuning on the stream beat the same model trained once and frozen?
+
+    .venv/bin/python bench/online_vs_frozen.py                  # 120 s of offline training
+    .venv/bin/python bench/online_vs_frozen.py --train-seconds 300 --batch-events 2000
+
+ML-100k (`events.jsonl`, time order) is cut at 70% of its event-time span.
+
+1. **Offline** (both arms start here): the online learner's model is trained on the
+   first 70% as `unirec train --offline` trains (every window of every user, epochs
+   of shuffled length-grouped batches) for `--train-seconds`.
+2. **The last 30%** is streamed in micro-batches of `--batch-events` clicks, in time
+   order, exactly as the pipeline's FineTune stage sees them (each changed user's
+   recent sequence with the batch's events as the new tail, `model.online.Example`).
+   Both arms score each batch before anything trains on it (test-then-train):
+   `frozen` never updates; `online` then trains on the batch (`OnlineLearner.process`,
+   pipeline.yaml's `online:` and `train:` settings: replay buffer, growing table).
+3. NDCG@10 / HR@10 of the next item (full ranking over the live items, no masking),
+   ranking AUC and search Recall@10, each the exact mean over the events of the 30%.
+
+The learner is the pipeline's own (`unirec.model.online.OnlineLearner`), driven in
+process: the Kafka/Beam/Feast path around it is measured by bench/freshness.py and
+bench/ingest.py; this bench isolates what learning online buys.
+
+Last stdout line: {"online_ndcg@10", "frozen_ndcg@10", "ratio", ...}.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unirec.config import load
+from unirec.data import load_events, load_items
+from unirec.model.batching import train_batches
+from unirec.model.online import EvalSums, Example, OnlineLearner
+from unirec.model.snapshot import history_from_columns
+from unirec.model.text import hash_pieces
+from unirec.model.vocab import item_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def examples_for(batch: list[dict], seqs: dict[str, list[dict]], qtext: dict, keep: int) -> list[Example]:
+    new: dict[str, int] = {}
+    for c in batch:
+        seqs.setdefault(c["user_id"], []).append(c)
+        new[c["user_id"]] = new.get(c["user_id"], 0) + 1
+    out = []
+    for u, n in new.items():
+        s = seqs[u][-keep:]
+        out.append(Example(u, [c["item_id"] for c in s], [c["label"] for c in s], [c["ts"] for c in s],
+                           [c["surface"] for c in s], [qtext.get(c.get("query_id")) for c in s], min(n, len(s))))
+    return out
+
+
+def load_stream(cfg):
+    """ML-100k prepared stream: (clicks in time order, query text by id, item id -> text pieces)."""
+    data = ROOT / ".cache/unirec/ml-100k"
+    events = load_events(data / "events.jsonl")
+    items = load_items(data / "items.jsonl")
+    mc = cfg.model
+    pieces = lambda i: hash_pieces(item_text(items[i]), mc.n_buckets, ngram=mc.ngram,
+                                   max_pieces=mc.max_item_pieces) if i in items else []
+    qtext = {e["query_id"]: e["text"] for e in events if e["schema"].startswith("query")}
+    return [e for e in events if e["schema"].startswith("click")], qtext, pieces
+
+
+def offline_train(learner: OnlineLearner, seqs: dict[str, list[dict]], qtext: dict, seconds: float) -> int:
+    mc, tr = learner.mc, learner.trainer
+    hist = []
+    for cs in seqs.values():
+        learner._pending_new = []
+        learner.table.assign([c["item_id"] for c in cs], [c["ts"] for c in cs])
+        learner._sync_table()
+        hist.append(history_from_columns([c["item_id"] for c in cs], [c["label"] for c in cs], [c["ts"] for c in cs],
+                                         [c["surface"] for c in cs], [qtext.get(c.get("query_id")) for c in cs],
+                                         learner.table, mc))
+    rng, start, steps = np.random.default_rng(0), time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        for batch in train_batches(hist, mc.max_len, tr.cfg.batch_size, use_queries=mc.use_queries,
+                                   use_feedback=mc.use_feedback, rng=rng):
+            tr.step(batch)
+            steps += 1
+            if time.perf_counter() - start >= seconds:
+                break
+    return steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train-seconds", type=float, default=120.0)
+    ap.add_argument("--batch-events", type=int, default=2000)
+    ap.add_argument("--split", type=float, default=0.7)
+    ap.add_argument("--config", default=str(ROOT / "pipeline.yaml"))
+    args = ap.parse_args(argv)
+    cfg = load(args.config)
+    torch.set_num_threads(max(1, cfg.train.threads))
+    mc = cfg.model
+    clicks, qtext, pieces = load_stream(cfg)
+    t0, t1 = clicks[0]["ts"], clicks[-1]["ts"]
+    cut = t0 + args.split * (t1 - t0)
+    head = [c for c in clicks if c["ts"] <= cut]
+    tail = [c for c in clicks if c["ts"] > cut]
+    seqs: dict[str, list[dict]] = {}
+    for c in head:
+        seqs.setdefault(c["user_id"], []).append(c)
+    t = time.perf_counter()
+    online = OnlineLearner.fresh(mc, cfg.train, cfg.online, pieces_of=pieces)
+    steps = offline_train(online, seqs, qtext, args.train_seconds)
+    offline_s = time.perf_counter() - t
+    frozen = copy.deepcopy(online)
+    sums = {"online": EvalSums(k=10), "frozen": EvalSums(k=10)}
+    secs = {"online": 0.0, "frozen": 0.0}
+    keep = cfg.features.max_sequence_length
+    for s in range(0, len(tail), args.batch_events):
+        ex = examples_for(tail[s:s + args.batch_events], seqs, qtext, keep)
+        for name, learner, train in (("frozen", frozen, False), ("online", online, True)):
+            t = time.perf_counter()
+            learner.process(ex, train=train)
+            secs[name] += time.perf_counter() - t
+            sums[name].merge(learner.since["eval"])
+            learner.published()                    # per-batch sums, merged above
+        print(f"{s + args.batch_events}/{len(tail)}: online ndcg@10 {sums['online'].means()['ndcg@10']:.4f} "
+              f"frozen {sums['frozen'].means()['ndcg@10']:.4f}", file=sys.stderr, flush=True)
+    m = {k: v.means() for k, v in sums.items()}
+    out = {"online_ndcg@10": round(m["online"]["ndcg@10"], 4), "frozen_ndcg@10": round(m["frozen"]["ndcg@10"], 4),
+           "ratio": round(m["online"]["ndcg@10"] / max(1e-12, m["frozen"]["ndcg@10"]), 3),
+           "online_hr@10": round(m["online"]["hr@10"], 4), "frozen_hr@10": round(m["frozen"]["hr@10"], 4),
+           "online_auc": m["online"]["auc"] and round(m["online"]["auc"], 4),
+           "frozen_auc": m["frozen"]["auc"] and round(m["frozen"]["auc"], 4),
+           "online_search_recall@10": m["online"]["search_recall@10"] and round(m["online"]["search_recall@10"], 4),
+           "frozen_search_recall@10": m["frozen"]["search_recall@10"] and round(m["frozen"]["search_recall@10"], 4),
+           "eval_events": m["online"]["eval_events"], "head_clicks": len(head), "tail_clicks": len(tail),
+           "offline_steps": steps, "offline_seconds": round(offline_s, 1),
+           "online_seconds": round(secs["online"], 1), "frozen_seconds": round(secs["frozen"], 1),
+           "online_steps": online.totals["steps"], "items_new_in_tail": online.table.added - len(
+               {c["item_id"] for c in head})}
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
