@@ -17,7 +17,10 @@ a next-item target):
    `soft_weight` (the true target has weight 1).
 
 The enhancer waits `warmup_steps` so that an untrained ranker does not inject
-noise. The selection is a pure function, tested on a constructed example.
+noise, then mines on every `every`-th step only (its candidate pass re-runs the
+batch's history: a third of a unified step when run on every step). Retrieval's
+top-K is taken with the model's repeat logit, as the trainer scores items, so
+the hard negatives are the unseen items retrieval wrongly puts first. The selection is a pure function, tested on a constructed example.
 """
 from __future__ import annotations
 
