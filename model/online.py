@@ -127,6 +127,7 @@ class OnlineLearner:
         self.buffer: deque = deque(maxlen=max(1, cfg.replay_buffer))
         self.rng = random.Random(seed)
         self.since = self._fresh_since()            # figures since the last publish
+        self._pending_new: list[int] = []          # rows handed to new items in the batch being built
         self.totals = {"batches": 0, "events": 0, "windows": 0, "steps": 0, "deferred": 0, "users_new": 0}
 
     # ------------------------------------------------------------------ construction
@@ -272,7 +273,7 @@ class OnlineLearner:
         cap = self.cfg.max_steps_per_batch
         logs, deferred = [], 0
         for c, chunk in enumerate(chunks):
-            if cap and c >= cap:
+            if cap and c >= cap:      # the first pass's chunks come first: only those are untrained
                 deferred += len(chunk) if c < len(chunks) // self.cfg.passes else 0
                 continue
             fresh = [lists[i] for i in chunk]

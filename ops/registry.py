@@ -70,6 +70,9 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from unirec.ops.config import RegistryConfig
+from unirec.ops.durable import fsync_dir as _fsync_dir
+from unirec.ops.durable import replace_atomic as _replace_atomic
+from unirec.ops.durable import write_durable as _write_durable
 
 log = logging.getLogger(__name__)
 
@@ -135,31 +138,6 @@ class LoadedVersion:
     item_ids: list[str]                  # N ids, row order
     ranking: dict[str, np.ndarray]
     extra: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------- durable file primitives
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _replace_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temp name beside `path`, fsync, rename over `path`, fsync the dir."""
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    _write_durable(tmp, data)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def hash_config(model_config: Mapping[str, Any]) -> str:

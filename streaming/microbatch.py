@@ -114,7 +114,7 @@ def _read_outputs(out_dir: Path) -> BatchOutputs:
         kind = path.name.split("-", 1)[0]
         with open(path, "rb") as f:
             element = pickle.load(f)
-        if kind in ("progress",):
+        if kind == "progress":
             out.progress.append(element)
         elif kind == "train":
             out.train = (out.train or []) + [element]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -148,3 +149,27 @@ def pipeline_process():
     for p in started:
         if p.proc.poll() is None:
             p.proc.kill()
+
+
+@pytest.fixture
+def killed_while_replaying(pipeline_process):
+    """`killed_while_replaying(config, kafka_cfg, lines, rng, rate=, max_sleep_s=, timeout_s=)`:
+    replay `lines` into Kafka while `unirec pipeline run` runs, and SIGKILL the pipeline
+    at a random moment after its first batch; returns whether the kill landed."""
+    from unirec.streaming.replay import replay
+
+    def _run(config: Path, kafka_cfg, lines, rng, *, rate: float, max_sleep_s: float, timeout_s: float) -> bool:
+        producer = threading.Thread(target=replay, args=(lines, kafka_cfg), kwargs={"rate": rate})
+        producer.start()
+        run = pipeline_process(config)
+        try:
+            run.wait_for_batch(timeout_s=timeout_s)
+            time.sleep(rng.uniform(0.0, max_sleep_s))   # somewhere inside the batch protocol
+            run.proc.send_signal(signal.SIGKILL)
+            return run.proc.wait(timeout=30) == -signal.SIGKILL
+        finally:
+            if run.proc.poll() is None:
+                run.proc.kill()
+            producer.join()
+
+    return _run

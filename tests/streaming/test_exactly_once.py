@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from unirec.features.config import FeaturesConfig
-from unirec.streaming.replay import replay
 from unirec.streaming.synthetic import compare, expected, source_stream
 
 pytestmark = pytest.mark.integration
@@ -36,25 +32,15 @@ def write_config(tmp_path: Path, kafka_cfg) -> Path:
     return path
 
 
-def test_sigkill_at_random_moments_loses_and_duplicates_nothing(kafka_cfg, tmp_path, pipeline_process):
+def test_sigkill_at_random_moments_loses_and_duplicates_nothing(kafka_cfg, tmp_path, pipeline_process,
+                                                                killed_while_replaying):
     rng = random.Random(int(os.environ.get("UNIREC_TEST_SEED", "7")))
     lines = source_stream(EVENTS, 10_000)
     chunks = [lines[i * len(lines) // KILLS:(i + 1) * len(lines) // KILLS] for i in range(KILLS)]
     config = write_config(tmp_path, kafka_cfg)
     kills = 0
     for chunk in chunks:
-        producer = threading.Thread(target=replay, args=(chunk, kafka_cfg), kwargs={"rate": 2000})
-        producer.start()
-        run = pipeline_process(config)
-        try:
-            run.wait_for_batch(timeout_s=180)
-            time.sleep(rng.uniform(0.0, 2.0))  # somewhere inside the batch protocol
-            run.proc.send_signal(signal.SIGKILL)
-            kills += run.proc.wait(timeout=30) == -signal.SIGKILL
-        finally:
-            if run.proc.poll() is None:
-                run.proc.kill()
-            producer.join()
+        kills += killed_while_replaying(config, kafka_cfg, chunk, rng, rate=2000, max_sleep_s=2.0, timeout_s=180)
     assert kills >= 5
     final = pipeline_process(config, "--once")
     assert final.proc.wait(timeout=600) == 0, "".join(final.log[-30:])

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -113,25 +111,15 @@ def test_a_restart_resumes_from_the_latest_version_and_retrains_the_logged_batch
         assert resumed.learner.trainer.steps == trained_on > steps_at_publish
 
 
-def test_sigkill_during_training_and_publishing_leaves_complete_versions(kafka_cfg, tmp_path, pipeline_process):
+def test_sigkill_during_training_and_publishing_leaves_complete_versions(kafka_cfg, tmp_path, pipeline_process,
+                                                                        killed_while_replaying):
     rng = random.Random(int(os.environ.get("UNIREC_TEST_SEED", "11")))
     lines = source_stream(EVENTS, 4000)
     config = write_config(tmp_path, kafka_cfg, every_steps=3)
     chunks = [lines[i * len(lines) // 4:(i + 1) * len(lines) // 4] for i in range(4)]
     kills = 0
-    for chunk in chunks:
-        producer = threading.Thread(target=replay, args=(chunk, kafka_cfg), kwargs={"rate": 3000})
-        producer.start()
-        run = pipeline_process(config)
-        try:
-            run.wait_for_batch(timeout_s=240)
-            time.sleep(rng.uniform(0.0, 3.0))       # batches train and publish back to back
-            run.proc.send_signal(signal.SIGKILL)
-            kills += run.proc.wait(timeout=30) == -signal.SIGKILL
-        finally:
-            if run.proc.poll() is None:
-                run.proc.kill()
-            producer.join()
+    for chunk in chunks:                           # batches train and publish back to back
+        kills += killed_while_replaying(config, kafka_cfg, chunk, rng, rate=3000, max_sleep_s=3.0, timeout_s=240)
         reg = Registry(tmp_path / "registry")      # opening sweeps what a killed publish left
         assert not [p for p in reg.versions_dir.iterdir() if p.name.startswith(".")]
         for m in reg.list_versions():              # only complete versions: every checksum verifies
