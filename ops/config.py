@@ -155,6 +155,8 @@ class ExperimentsConfig:
     horizon: int = 20000                # fixed: exposures per arm at which the z-test is read
     min_exposures: int = 200            # per arm, before any CTR decision (normal approximation)
     attribution_window_s: float = 3600.0   # a click counts for an exposure up to this long after it
+    attribute_in_pipeline: bool = True  # the pipeline attributes clicks to arms and exports per-arm gauges
+                                        # (rebuilt at start from the exposures and clicks topics)
     guardrails: GuardrailConfig = field(default_factory=GuardrailConfig)
 
     def __post_init__(self) -> None:

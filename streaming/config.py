@@ -80,6 +80,7 @@ class KafkaConfig:
 
 
 BeamRunner = Literal["FnApiRunner", "DirectRunner", "DaskRunner", "FlinkRunner", "DataflowRunner"]
+PushMode = Literal["process", "thread", "inline"]
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ class StreamingConfig:
     runner: BeamRunner = "FnApiRunner"  # Beam runner that executes each bounded micro-batch
     runner_options: tuple[str, ...] = ()  # extra Beam options, e.g. ["--dask_client_address=127.0.0.1:8786"]
     in_process_below: int = 0           # batches with fewer pending records run the same steps in-process, no Beam (0: never)
-    overlap_push: bool = True           # push batch N to Feast while batch N+1 is read and merged
+    push_mode: PushMode = "process"     # Feast pushes: in a child process (own core), a thread, or inline (no overlap)
     max_staged_keys: int = 300000       # committed keys waiting for a push in flight; beyond this the driver waits
     arrival_grace_ms: int = 500         # a batch reads records that arrived (Kafka timestamp) at least this long ago:
                                         # a producer's records reach the broker up to linger + a round trip late,

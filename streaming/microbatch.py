@@ -49,7 +49,7 @@ from unirec.streaming.transforms import (
     BatchSpec, MicroBatch, group_by_key_group, parse_records, progress_of, update_items, update_users,
 )
 
-OUTPUT_KINDS = ("users", "items", "dead_letters", "progress", "examples", "train")
+OUTPUT_KINDS = ("users", "items", "dead_letters", "progress", "examples", "train", "requested")
 
 
 @dataclass
@@ -59,6 +59,7 @@ class BatchOutputs:
     dead_letters: list = field(default_factory=list)  # DeadLetter
     progress: list = field(default_factory=list)      # transforms.progress_of tuples, one per range
     examples: list = field(default_factory=list)      # training example dicts (online learning)
+    requested: list = field(default_factory=list)     # applied ClickEvents with a request_id (A/B attribution)
     train: list | None = None                         # FineTune figures (None: the stage did not run)
     seconds: float = 0.0
     path: str = "beam"                                # "beam" | "in_process"
@@ -251,6 +252,7 @@ def run_in_process(ranges: list[ReadRange], spec: BatchSpec, store) -> BatchOutp
         out.users.extend(res.states)
         out.dead_letters.extend(res.dead)
         out.examples.extend(res.examples)
+        out.requested.extend(c for c in res.applied_clicks if c.request_id is not None)
         clicks.extend(res.applied_clicks)
     # Items only after every user group: a click of any group may touch any item.
     for group in group_by_key_group(clicks, lambda c: c.item_id, spec.key_groups).values():

@@ -5,7 +5,8 @@
       | ParseEvent           -> (user key group, [parsed event]) (+ "dead_letter": decode errors)
       | GroupByUserKeyGroup
       | UpdateUserSequence   -> [new user states]               (+ "dead_letter": duplicate / late,
-      |                                                            "applied_clicks": (item key group, [click]))
+      |                                                            "applied_clicks": (item key group, [click]),
+      |                                                            "requested": [click with a request_id])
     applied_clicks
       | GroupByItemKeyGroup
       | UpdateItemStats      -> [new item stats]
@@ -60,6 +61,7 @@ from unirec.streaming.kafka_source import POOL, ReadRange, read_range
 DEAD_LETTER = "dead_letter"
 PROGRESS = "progress"
 APPLIED_CLICKS = "applied_clicks"
+REQUESTED = "requested"
 EXAMPLES = "examples"
 NAMESPACE = "unirec"
 
@@ -105,7 +107,8 @@ class Parsed(NamedTuple):
 # bytes/None natively, while a slotted frozen dataclass falls back to pickle (~10x slower).
 def event_to_tuple(e: Any) -> tuple:
     if isinstance(e, ClickEvent):
-        return ("c", e.event_id, e.user_id, e.item_id, e.ts, e.label, e.surface, e.query_id, e.position, e.rating)
+        return ("c", e.event_id, e.user_id, e.item_id, e.ts, e.label, e.surface, e.query_id, e.position, e.rating,
+                e.request_id)
     return ("q", e.event_id, e.user_id, e.query_id, e.text, e.ts)
 
 
@@ -342,7 +345,8 @@ class _ReadsStateStore(beam.DoFn):
 
 class UpdateUserSequence(_ReadsStateStore):
     """(user key group, [[parsed tuple], ...]) -> MAIN: [UserSequence];
-    APPLIED_CLICKS: (item key group, [click tuple]); DEAD_LETTER: [DeadLetter] (duplicate / late)."""
+    APPLIED_CLICKS: (item key group, [click tuple]); DEAD_LETTER: [DeadLetter] (duplicate / late);
+    REQUESTED: [ClickEvent] applied clicks that carry a request id (A/B attribution)."""
 
     def process(self, element):
         _, lists = element
@@ -357,6 +361,8 @@ class UpdateUserSequence(_ReadsStateStore):
             yield emit(APPLIED_CLICKS, (group, [event_to_tuple(c) for c in clicks]))
         if res.states:
             yield emit(MAIN, res.states)
+        if requested := [c for c in res.applied_clicks if c.request_id is not None]:
+            yield emit(REQUESTED, requested)
         if res.examples:
             yield emit(EXAMPLES, res.examples)
 
@@ -374,7 +380,7 @@ class UpdateItemStats(_ReadsStateStore):
 
 
 class MicroBatch(beam.PTransform):
-    """ReadRange work items -> {"users", "items", "dead_letters", "progress"}, plus
+    """ReadRange work items -> {"users", "items", "dead_letters", "progress", "requested"}, plus
     "examples" (training example dicts) with `spec.examples` and "train" (one dict of
     test-then-train figures per batch) with `spec.finetune`.
 
@@ -392,12 +398,13 @@ class MicroBatch(beam.PTransform):
         merged = (parsed[MAIN]
                   | "GroupByUserKeyGroup" >> beam.GroupByKey()
                   | "UpdateUserSequence" >> MultiOutput(UpdateUserSequence(spec),
-                                                        (MAIN, DEAD_LETTER, APPLIED_CLICKS, EXAMPLES)))
+                                                        (MAIN, DEAD_LETTER, APPLIED_CLICKS, EXAMPLES, REQUESTED)))
         items = (merged[APPLIED_CLICKS]
                  | "GroupByItemKeyGroup" >> beam.GroupByKey()
                  | "UpdateItemStats" >> beam.ParDo(UpdateItemStats(spec)))
         dead = (parsed[DEAD_LETTER], merged[DEAD_LETTER]) | "AllDeadLetters" >> beam.Flatten()
-        outs = {"users": merged[MAIN], "items": items, "dead_letters": dead, "progress": read[PROGRESS]}
+        outs = {"users": merged[MAIN], "items": items, "dead_letters": dead, "progress": read[PROGRESS],
+                "requested": merged[REQUESTED]}
         if spec.examples:
             outs["examples"] = merged[EXAMPLES]
         if spec.finetune is not None:

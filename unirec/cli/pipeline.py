@@ -1,4 +1,5 @@
-"""`unirec pipeline run`: the continuous Kafka -> Beam -> Feast micro-batch driver."""
+"""`unirec pipeline run`: the continuous Kafka -> Beam -> Feast micro-batch driver, with online
+learning, A/B attribution and /metrics on `monitoring.bind`."""
 from __future__ import annotations
 
 import argparse
@@ -33,15 +34,21 @@ def _run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr, force=True)
     for noisy in ("kafka", "apache_beam", "feast"):
         logging.getLogger(noisy).setLevel(logging.ERROR if noisy == "kafka" else logging.WARNING)
+    monitor = None
     try:
         cfg = load(args.config)
         ensure_topics(cfg.kafka)
+        from unirec.streaming import experiment_feed
+
+        monitor = _monitor(cfg)
         learning = None
         if cfg.online.enabled and not args.no_learn:
             from unirec.streaming.online import from_config
 
-            learning = from_config(cfg)
-        driver = Driver(cfg.kafka, cfg.streaming, cfg.features, learning=learning)
+            learning = from_config(cfg, monitor=monitor)
+        feed = experiment_feed.from_config(cfg, registry=monitor.metrics.registry)
+        driver = Driver(cfg.kafka, cfg.streaming, cfg.features, learning=learning, experiments=feed,
+                        on_batch=lambda report: monitor.on_batch(report, driver.last_lags))
         with driver:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: driver.stop())
@@ -56,10 +63,29 @@ def _run(args: argparse.Namespace) -> int:
         print(f"unirec pipeline run: Kafka at {cfg.kafka.bootstrap_servers}: {e!r} "
               "(is the broker running? `unirec broker start`)", file=sys.stderr)
         return 1
+    finally:
+        if monitor is not None:
+            monitor.close()
     dead = {k.split(".", 1)[1]: v for k, v in totals.items() if k.startswith("dead_letter.")}
     print(f"{n} batches, {totals['records']} records, {totals['users_pushed']} user and "
           f"{totals['items_pushed']} item states pushed, dead letters: {sum(dead.values())} {dead or ''}".rstrip())
     return 0
+
+
+def _monitor(cfg):
+    """The process's Monitor; /metrics on `monitoring.bind` (a busy port loses only the endpoint)."""
+    from unirec.ops.monitor import Monitor
+
+    t = cfg.kafka.topics
+    monitor = Monitor(cfg.monitoring, topics=[t.clicks, t.queries])
+    try:
+        monitor.start()
+        if monitor.port is not None:
+            logging.getLogger(__name__).info("metrics at http://%s:%d/metrics",
+                                             cfg.monitoring.bind.rsplit(":", 1)[0], monitor.port)
+    except RuntimeError as e:
+        print(f"unirec pipeline run: no /metrics endpoint ({e}); running on", file=sys.stderr)
+    return monitor
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -72,7 +72,8 @@ def _learning(cfg, data_dir, monitor):
     return from_config(cfg, monitor=monitor, catalogue=str(data_dir / "items.jsonl"))
 
 
-def _stream(cfg, events_path, args, learning=None) -> dict:
+def _stream(cfg, events_path, args, learning=None, monitor=None) -> dict:
+    from unirec.streaming import experiment_feed
     from unirec.streaming.driver import Driver
 
     result: dict = {}
@@ -87,9 +88,10 @@ def _stream(cfg, events_path, args, learning=None) -> dict:
     if span > features_cfg.allowed_lateness_s:
         features_cfg = dataclasses.replace(features_cfg, allowed_lateness_s=span)
         _say(f"fast replay: allowed lateness widened to the stream's span ({span / 86400:.0f} days)")
-    monitor = learning.monitor if learning is not None else None
     on_batch = None if monitor is None else (lambda report: monitor.on_batch(report, driver.last_lags))
-    with Driver(cfg.kafka, cfg.streaming, features_cfg, learning=learning, on_batch=on_batch) as driver:
+    feed = experiment_feed.from_config(cfg, registry=monitor.metrics.registry if monitor is not None else None)
+    with Driver(cfg.kafka, cfg.streaming, features_cfg, learning=learning, on_batch=on_batch,
+                experiments=feed) as driver:
         last_say = time.monotonic()
         while True:
             batches += driver.run(max_batches=1)
@@ -197,7 +199,7 @@ def _run(args: argparse.Namespace) -> int:
     learning = _learning(cfg, data_dir, monitor) if learn else None
     _say("replaying MovieLens-100k into Kafka while the pipeline writes features to Feast"
          + (", fine-tunes the model on every micro-batch and publishes versions" if learn else ""))
-    flow = _stream(cfg, data_dir / "events.jsonl", args, learning)
+    flow = _stream(cfg, data_dir / "events.jsonl", args, learning, monitor)
     summary = {
         "events_replayed": flow["replay"].events,
         "feast_online_sample": _sample_user(cfg, data_dir / "events.jsonl"),
