@@ -75,12 +75,12 @@ def fresh(kafka: KafkaConfig, tmp: Path, name: str) -> tuple[KafkaConfig, Featur
 def _pusher_cpu(driver: Driver) -> float:
     """CPU seconds the push process has used (0 without one): CPU time per event is
     what the machine's other load does not change, unlike events/s."""
-    proc = getattr(driver, "_push_proc", None)
-    if proc is None:
+    pid = getattr(getattr(driver, "_pushes", None), "pid", None)
+    if pid is None:
         return 0.0
     import os
 
-    with open(f"/proc/{proc.pid}/stat") as f:
+    with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 

@@ -39,16 +39,17 @@ batches committed in step 4), per `streaming.push_mode`:
   process (`streaming.pusher`) pushes whatever the outbox names, on the second
   core; the driver only sends it batch ids and, when it answers "covered up to
   batch M", commits those batches' offsets to Kafka and reports them.
-* `thread`: a background thread pushes the staged states (it shares the GIL
-  with the merges, so it overlaps I/O but not Python work). Used whatever the
-  mode when the caller passes its own `online` store object.
+* `thread`: the same push in a background thread (it shares the GIL with the
+  merges, so it overlaps I/O but not Python work). Used whatever the mode when
+  the caller passes its own `online` store object.
 * `inline`: push, then return from `run_batch`.
 
-Either way, batches committed while a push is in flight go out together in the
-next push, each key once with its newest state (a pusher that falls behind
-pushes less per event instead of stalling the driver; `streaming.max_staged_keys`
-bounds what waits). Pushes run one at a time in commit order, so an older state
-never overwrites a newer one online, and `mark_pushed(batch=newest)` clears only
+Every push writes what the outbox names, each key once with its newest state,
+so batches committed while a push is in flight go out together in the next one
+(a pusher that falls behind pushes less per event instead of stalling the
+driver; `streaming.max_staged_keys` bounds the keys committed but not yet
+confirmed). Pushes run one at a time in commit order, so an older state never
+overwrites a newer one online, and `mark_pushed(batch=newest)` clears only
 outbox rows whose newest state has been pushed.
 
 With online learning (`learning=streaming.online.OnlineLoop`), step 2 also runs the
@@ -117,7 +118,6 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -190,12 +190,9 @@ class Driver:
         self._lag = 0            # unread records per the end offsets at the last plan
         self.last_lags: dict[TP, int] = {}
         self._stop = False
-        self._pending = None
-        self._pusher = None
-        self._staged = self._empty_stage()
         self._own_online = online is None
-        self._push_proc = None      # streaming.pusher.PushProcess (push_mode "process")
-        self._inflight: list = []   # committed batches the push process has not confirmed yet
+        self._pushes = None         # streaming.pusher.PushProcess | ThreadPusher (push_mode)
+        self._inflight: list = []   # committed batches whose push is not confirmed yet
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -223,15 +220,14 @@ class Driver:
             emb_store = OnlineStore(self.features_cfg) if self.learning_pushes_embeddings() else None
             self.learning.open(self.store, online_store=emb_store, producer=self.producer,
                                notice_topic=self.kafka_cfg.topics.model_updates)
-        # The push of batch N runs while batch N+1 is read and merged (own clients: neither
-        # kafka-python consumers nor sqlite3 connections are shared across threads).
-        self._push_store = StateStore(self.features_cfg.state_path)
-        if self.cfg.push_mode == "process" and self._own_online:
-            from unirec.streaming.pusher import PushProcess
+        # The push of batch N runs while batch N+1 is read and merged (see streaming/pusher.py).
+        from unirec.streaming.pusher import PushProcess, ThreadPusher
 
-            self._push_proc = PushProcess(self.features_cfg)
-        elif self.cfg.push_mode != "inline":
-            self._pusher = ThreadPoolExecutor(1, thread_name_prefix="push")
+        if self.cfg.push_mode == "process" and self._own_online:
+            self._pushes = PushProcess(self.features_cfg)
+        else:
+            self._pushes = ThreadPusher(self.features_cfg.state_path, self.online,
+                                        inline=self.cfg.push_mode == "inline")
         self.runner = BeamBatchRunner(self.spec, runner=self.cfg.runner, options=self.cfg.runner_options,
                                       work_dir=self.cfg.work_dir)
         self.runner.warm_up()
@@ -247,13 +243,7 @@ class Driver:
         return isinstance(self.online, OnlineStore)
 
     def close(self) -> None:
-        if getattr(self, "_pusher", None) is not None:
-            self._pusher.shutdown(wait=True)
-            self._pusher = None
-        if getattr(self, "_push_proc", None) is not None:
-            self._push_proc.close()
-            self._push_proc = None
-        for name in ("experiments", "runner", "consumer", "_committer", "producer", "_push_store", "store"):
+        for name in ("_pushes", "experiments", "runner", "consumer", "_committer", "producer", "store"):
             obj = getattr(self, name, None)
             if obj is not None:
                 obj.close()
@@ -405,54 +395,17 @@ class Driver:
             log.warning("A/B attribution failed for this batch: %r", e)
 
     def _stage(self, batch_id: int, out: BatchOutputs, offsets: dict, dead: Counter, secs: dict) -> None:
-        """Queue a committed batch for the push; push now unless a push is in flight.
-
-        While the previous push runs, later batches accumulate here, latest state per
-        key (they are committed, so the outbox holds them): the next push writes each
-        key once, with its newest state, however many batches touched it. A pusher that
-        falls behind therefore pushes less per event, instead of the driver waiting."""
-        if self._push_proc is not None:
-            self._stage_for_process(batch_id, out, offsets, dead, secs)
-            return
-        staged = self._staged
-        staged["users"].update((s.user_id, s) for s in out.users)
-        staged["items"].update((s.item_id, s) for s in out.items)
-        staged["offsets"].update(offsets)
-        staged["batches"].append((batch_id, out, dead, secs))
-        if self._pusher is None:
-            self._flush_staged()
-            return
-        busy = self._pending is not None and not self._pending.done()
-        if busy and len(staged["users"]) + len(staged["items"]) < self.cfg.max_staged_keys:
-            return
-        self.wait_pushed(flush=False)
-        self._flush_staged()
-
-    def _flush_staged(self) -> None:
-        staged, self._staged = self._staged, self._empty_stage()
-        if not staged["batches"]:
-            return
-        if self._pusher is None:
-            self._push(staged)
-        else:
-            self._pending = self._pusher.submit(self._push, staged)
-
-    @staticmethod
-    def _empty_stage() -> dict:
-        return {"users": {}, "items": {}, "offsets": {}, "batches": []}
-
-    def _stage_for_process(self, batch_id: int, out: BatchOutputs, offsets: dict, dead: Counter,
-                           secs: dict) -> None:
-        """push_mode "process": tell the child, take its answers; wait when too much is unconfirmed."""
+        """Hand a committed batch to the pusher and take its answers; wait for the oldest
+        batch when more than `max_staged_keys` keys are committed but not yet confirmed."""
         self._inflight.append((batch_id, out, offsets, dead, secs))
-        self._push_proc.submit(batch_id)
-        self._confirmed(self._push_proc.poll())
+        self._pushes.submit(batch_id)
+        self._confirmed(self._pushes.poll())
         waiting = sum(len(b[1].users) + len(b[1].items) for b in self._inflight)
-        if waiting >= self.cfg.max_staged_keys:
-            self._confirmed(self._push_proc.wait(self._inflight[0][0]))
+        if self._inflight and waiting >= self.cfg.max_staged_keys:
+            self._confirmed(self._pushes.wait(self._inflight[0][0]))
 
     def _confirmed(self, answers: list) -> None:
-        """Batches the push process covered: commit their offsets to Kafka, report them."""
+        """Step 6 for the batches a push covered: commit their offsets to Kafka, report them."""
         for ans in answers:
             done = [b for b in self._inflight if b[0] <= ans.batch]
             if not done:
@@ -473,49 +426,13 @@ class Driver:
                     self.on_batch(report)
 
     def poll_pushed(self) -> None:
-        """If the push in flight is done (re-raising its error), start the next one."""
-        if self._push_proc is not None:
-            self._confirmed(self._push_proc.poll())
-            return
-        if self._pending is None or self._pending.done():
-            self.wait_pushed(flush=False)
-            self._flush_staged()
+        """Report the batches whose push has completed (re-raises a push's error)."""
+        self._confirmed(self._pushes.poll())
 
-    def wait_pushed(self, *, flush: bool = True) -> None:
-        """Block until the push in flight is done (re-raises its error); with `flush`, also
-        push whatever is staged and wait for that."""
-        if self._push_proc is not None:
-            if self._inflight:
-                self._confirmed(self._push_proc.wait(self._inflight[-1][0]))
-            return
-        while True:
-            pending, self._pending = self._pending, None
-            if pending is not None:
-                pending.result()
-            if not flush or not self._staged["batches"]:
-                return
-            self._flush_staged()
-
-    def _push(self, staged: dict) -> None:
-        """Steps 5-6 for the staged batches: push absolute states, clear the outbox (up
-        to the newest batch), commit offsets to Kafka; one report per batch."""
-        users, items = list(staged["users"].values()), list(staged["items"].values())
-        t = time.perf_counter()
-        self.online.push_users(users)
-        self.online.push_items(items)
-        pushed_at = time.time()
-        last = staged["batches"][-1][0]
-        self._push_store.mark_pushed(list(staged["users"]), list(staged["items"]), batch=last)
-        push_s, t = time.perf_counter() - t, time.perf_counter()
-        self._commit_kafka(staged["offsets"])
-        commit_s = time.perf_counter() - t
-        share = 1.0 / len(staged["batches"])
-        for batch_id, out, dead, secs in staged["batches"]:
-            secs["push"], secs["kafka_commit"] = push_s * share, commit_s * share
-            report = self._report(batch_id, out, dead, secs, pushed_at)
-            log.info("%s", report)
-            if self.on_batch is not None:
-                self.on_batch(report)
+    def wait_pushed(self) -> None:
+        """Block until every committed batch is pushed (re-raises a push's error)."""
+        if self._inflight:
+            self._confirmed(self._pushes.wait(self._inflight[-1][0]))
 
     def _report(self, batch_id: int, out: BatchOutputs, dead: Counter, secs: dict,
                 pushed_at: float) -> BatchReport:

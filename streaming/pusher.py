@@ -38,6 +38,9 @@ import signal
 import sys
 import time
 import traceback
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from typing import NamedTuple
 
 from unirec.features.config import FeaturesConfig
@@ -198,3 +201,48 @@ class PushProcess:
             self._proc.kill()
             self._proc.join()
         self._conn.close()
+
+
+class ThreadPusher:
+    """The same protocol in the driver's process: pushes in one background thread
+    (`push_mode: thread`, or when the caller passes its own online store object), or
+    inline in `submit` (`inline=True`). Each push reads the whole outbox, so one that
+    starts after several commits covers them all, and those queued behind it find
+    little left to write. A push's error is raised by `poll` / `wait`."""
+
+    def __init__(self, state_path: str, online, *, inline: bool = False):
+        from unirec.features.state import StateStore
+
+        self.store, self.online = StateStore(state_path), online   # its own SQLite connection
+        self._pool = None if inline else ThreadPoolExecutor(1, thread_name_prefix="push")
+        self._futures: deque[Future] = deque()
+        self._answers: list[Pushed] = []
+        self.covered = 0
+
+    def submit(self, batch: int) -> None:
+        if self._pool is None:
+            self._take(push_pending(self.store, self.online, batch))
+        else:
+            self._futures.append(self._pool.submit(push_pending, self.store, self.online, batch))
+
+    def _take(self, p: Pushed) -> None:
+        self.covered = max(self.covered, p.batch)
+        self._answers.append(p)
+
+    def poll(self, timeout_s: float = 0.0) -> list[Pushed]:
+        if self._futures and timeout_s:
+            futures_wait([self._futures[0]], timeout=timeout_s)
+        while self._futures and self._futures[0].done():
+            self._take(self._futures.popleft().result())
+        out, self._answers = self._answers, []
+        return out
+
+    def wait(self, batch: int, timeout_s: float = 600.0) -> list[Pushed]:
+        while self.covered < batch and self._futures:
+            self._take(self._futures.popleft().result(timeout=timeout_s))
+        return self.poll()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self.store.close()

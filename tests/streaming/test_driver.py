@@ -77,14 +77,14 @@ def test_a_restarted_driver_resumes_where_the_store_stands(kafka_cfg, features_c
 
 
 class FailingPush:
-    """The real online store, except that the n-th push_users call raises (a crash)."""
+    """The real online store, except that push_users raises from the n-th call on (it went away)."""
 
     def __init__(self, real, fail_on: int):
         self.real, self.fail_on, self.calls = real, fail_on, 0
 
     def push_users(self, states):
         self.calls += 1
-        if self.calls == self.fail_on:
+        if self.calls >= self.fail_on:
             raise ConnectionError("online store went away")
         return self.real.push_users(states)
 
