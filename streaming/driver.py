@@ -231,6 +231,8 @@ class Driver:
         self.runner = BeamBatchRunner(self.spec, runner=self.cfg.runner, options=self.cfg.runner_options,
                                       work_dir=self.cfg.work_dir)
         self.runner.warm_up()
+        if hasattr(self._pushes, "wait_ready"):
+            self._pushes.wait_ready()   # its start-up (importing Feast) overlapped the warm-up
         self.recover()
         self.refresh_partitions()
         if self.experiments is not None:

@@ -129,7 +129,8 @@ class PushProcess:
 
     def __init__(self, features_cfg: FeaturesConfig):
         """Starts the child and returns at once: it imports Feast (seconds) while the
-        driver warms up; batches submitted meanwhile wait in the pipe."""
+        driver warms up Beam; `wait_ready` then waits for it. Batches submitted before it
+        is ready wait in the pipe."""
         ctx = mp.get_context("spawn")        # no inherited threads, locks or sockets
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_main, args=(child, features_cfg, os.getpid()),
@@ -137,7 +138,20 @@ class PushProcess:
         self._proc.start()
         child.close()
         self.covered = 0
+        self.ready = False
         self._answers: list[Pushed] = []
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        """Block until the child has opened its stores (raises PushError if it failed)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.ready:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PushError(f"push process not ready within {timeout_s:.0f} s")
+            if self._conn.poll(min(left, 1.0)):
+                self._handle(self._recv())
+            elif not self._proc.is_alive():
+                raise PushError(f"push process died while starting (exit code {self._proc.exitcode})")
 
     def _recv(self):
         try:
@@ -148,6 +162,8 @@ class PushProcess:
     def _handle(self, msg) -> None:
         if msg[0] == "error":
             raise PushError(f"push process failed:\n{msg[1]}")
+        if msg[0] == "ready":
+            self.ready = True
         if msg[0] == "pushed":
             p = Pushed(*msg[1:])
             self.covered = max(self.covered, p.batch)
