@@ -173,3 +173,22 @@ def killed_while_replaying(pipeline_process):
             producer.join()
 
     return _run
+
+
+@pytest.fixture
+def read_dead_letters():
+    """`read_dead_letters(kafka_cfg) -> [DeadLetter]`: everything on the dead-letter topic so far."""
+    from kafka import KafkaConsumer
+
+    from unirec.streaming.broker import client_kwargs
+    from unirec.streaming.deadletter import DeadLetter
+
+    def _read(kafka_cfg) -> list:
+        consumer = KafkaConsumer(kafka_cfg.topics.dead_letter, **client_kwargs(kafka_cfg),
+                                 auto_offset_reset="earliest", consumer_timeout_ms=3000, group_id=None)
+        try:
+            return [DeadLetter.from_bytes(r.value) for r in consumer]
+        finally:
+            consumer.close()
+
+    return _read

@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 
 from unirec.features.config import FeaturesConfig
 from unirec.streaming.broker import client_kwargs
 from unirec.streaming.config import StreamingConfig
-from unirec.streaming.deadletter import DeadLetter
 from unirec.streaming.driver import Driver
 from unirec.streaming.events import DecodeError, decode
 from unirec.streaming.synthetic import compare, expected, source_stream
@@ -123,16 +122,8 @@ def oracle(kind: str, raw: bytes) -> str | None:
     return None
 
 
-def read_dead_letters(kafka_cfg) -> list[DeadLetter]:
-    consumer = KafkaConsumer(kafka_cfg.topics.dead_letter, **client_kwargs(kafka_cfg), auto_offset_reset="earliest",
-                             consumer_timeout_ms=3000, group_id=None)
-    try:
-        return [DeadLetter.from_bytes(r.value) for r in consumer]
-    finally:
-        consumer.close()
-
-
-def test_bad_records_become_dead_letters_and_valid_events_around_them_are_applied(kafka_cfg, tmp_path):
+def test_bad_records_become_dead_letters_and_valid_events_around_them_are_applied(kafka_cfg, tmp_path,
+                                                                                  read_dead_letters):
     valid = source_stream(EVENTS, 2000)
     made = hand_made(valid)
     generated = [("click" if i % 3 else "query", raw) for i, raw in enumerate(generated_bad_records())]

@@ -7,7 +7,7 @@ import time
 
 import orjson
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 from prometheus_client import CollectorRegistry
 
 from unirec.features.config import FeaturesConfig
@@ -16,7 +16,6 @@ from unirec.ops.config import ArmConfig, ExperimentsConfig
 from unirec.ops.experiments import EXPOSURE_SCHEMA, experiment
 from unirec.streaming.broker import client_kwargs
 from unirec.streaming.config import StreamingConfig
-from unirec.streaming.deadletter import DeadLetter
 from unirec.streaming.driver import Driver
 from unirec.streaming.events import ClickEvent, encode
 from unirec.streaming.experiment_feed import BAD_EXPOSURE, ExperimentFeed, parse_exposure
@@ -53,7 +52,7 @@ def log_of(exp, users: int, now: int):
     return exposures, clicks
 
 
-def test_pipeline_attributes_clicks_per_arm_and_rebuilds_after_restart(kafka_cfg, tmp_path):
+def test_pipeline_attributes_clicks_per_arm_and_rebuilds_after_restart(kafka_cfg, tmp_path, read_dead_letters):
     ecfg = ExperimentsConfig(arms=(ArmConfig("control", "v000001", 0.5), ArmConfig("treatment", "v000002", 0.5)),
                              state_path=str(tmp_path / "experiment.json"))
     exp = experiment(ecfg, {})
@@ -100,14 +99,6 @@ def test_pipeline_attributes_clicks_per_arm_and_rebuilds_after_restart(kafka_cfg
         d.run(once=True)
     assert {n: (a["exposures"], a["clicked"], a["clicks"]) for n, a in again.last["arms"].items()} == \
         {n: (a["exposures"], a["clicked"], a["clicks"]) for n, a in arms.items()}
-    letters = _dead_letters(kafka_cfg)
+    letters = read_dead_letters(kafka_cfg)
     assert [(d.reason, d.source_topic) for d in letters] == [(BAD_EXPOSURE, kafka_cfg.topics.exposures)]
 
-
-def _dead_letters(kafka_cfg) -> list[DeadLetter]:
-    consumer = KafkaConsumer(kafka_cfg.topics.dead_letter, **client_kwargs(kafka_cfg), auto_offset_reset="earliest",
-                             consumer_timeout_ms=3000, group_id=None)
-    try:
-        return [DeadLetter.from_bytes(r.value) for r in consumer]
-    finally:
-        consumer.close()
