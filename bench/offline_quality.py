@@ -13,7 +13,7 @@ Search Recall/NDCG@10 on the held-out clicks that carry a query.
 Variants: `popularity` (RecBole's Pop: training counts, seen items masked as
 RecBole does for it; `popularity_unmasked` is the like-for-like row),
 `text_match` (TF-IDF search baseline, search metrics only), `retrieval_only`
-(same code without feedback tokens, ranking, queries, enhancer, weighter:
+(same code without feedback labels, ranking, queries, enhancer, weighter:
 SASRec-like), `unified`, and the ablations `unified_no_enhancer`,
 `unified_no_weighter` (fixed weights 1/1), `unified_no_time` (no time bands:
 plain RoPE), `unified_no_query` (no query tokens; it answers a search with

@@ -25,7 +25,9 @@ class ModelConfig:
     max_query_pieces: int = 32          # pieces kept per query
     use_item_text: bool = True          # add the item-text embedding to the item-ID embedding
     use_queries: bool = True            # query tokens before search clicks (off: no search task)
-    use_feedback: bool = True           # feedback tokens after each item (off: SASRec-like sequence)
+    use_feedback: bool = True           # feedback labels in the sequence + the ranking task (off: SASRec-like)
+    feedback_tokens: bool = False       # True: each label as its own token after its item (2x the tokens);
+                                        # False: it rides on the next event's tokens (see batching.py)
     use_lexical: bool = True            # search adds a learned-weight lexical (hashed-piece cosine) score
     lexical_init: float = 10.0          # initial weight of that score, in logit units
     # time-aware rotary positions (SynerGen): per head, index bands + time bands
@@ -52,7 +54,7 @@ class EnhancerConfig:
     soft_weight: float = 0.1            # loss weight of a soft positive (the true target has 1)
     warmup_steps: int = 50              # enhancer starts once the ranking head has learnt something
     every: int = 8                      # mine on every N-th step only: its candidate pass re-runs the
-                                        # batch's history (a third of a unified step when run every step)
+                                        # batch's history (~40% of a unified step when run every step)
 
 
 @dataclass(frozen=True)

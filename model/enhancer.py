@@ -1,13 +1,13 @@
 """Ranking-driven enhancer (UniGRF): the ranker teaches retrieval.
 
-For a sample of `positions` retrieval positions per batch (feedback tokens with
-a next-item target):
+For a sample of `positions` retrieval positions per batch (tokens with a
+next-item target):
 
 1. retrieval's top-K items for that state, the target excluded;
 2. the ranking head scores them (no gradient, dropout off) through the
-   candidate-token mechanism: each is an item token that sees the history up to
-   that position and itself, at the next token index and the target event's
-   timestamp (the request time);
+   candidate-token mechanism: each is an item token (carrying the position's
+   event label) that sees the history up to that position and itself, at the
+   next token index and the target event's timestamp (the request time);
 3. `select`: items retrieval ranks high but the ranker scores below
    `hard_threshold` become *hard negatives* of that row - they are made sure to
    be in the InfoNCE denominator (with sampled negatives they might not be) and
@@ -18,7 +18,7 @@ a next-item target):
 
 The enhancer waits `warmup_steps` so that an untrained ranker does not inject
 noise, then mines on every `every`-th step only (its candidate pass re-runs the
-batch's history: a third of a unified step when run on every step). Retrieval's
+batch's history: ~40% of a unified step when run on every step). Retrieval's
 top-K is taken with the model's repeat logit, as the trainer scores items, so
 the hard negatives are the unseen items retrieval wrongly puts first. The selection is a pure function, tested on a constructed example.
 """

@@ -2,16 +2,17 @@
 
 Attention with time-aware rotary positions -> pre-LN block -> the recommender.
 
-Tokens (see `batching.py` for the interleaving  [q?] i b [q?] i b ...):
-  item token      = item_vec(i) + surface(rec|search) + type(item)
-  feedback token  = item_vec(i) + label(neg|pos)      + type(feedback)
-  query token     = mean(piece_emb(query pieces)) + surface(search) + type(query)
+Tokens (see `batching.py` for the sequence  [q?] i [q?] i ...):
+  item token      = item_vec(i) + surface(rec|search) + type(item) + label(prev event)
+  query token     = mean(piece_emb(query pieces)) + surface(search) + type(query) + label(prev event)
+  (with `feedback_tokens`: no label on those, and after each item token a
+  feedback token = item_vec(i) + label(neg|pos) + type(feedback))
   item_vec(i)     = item_id_emb(i) + mean(piece_emb(title/genre pieces of i))
 The word-piece table is shared by item texts and queries, so a query and the
 title it was typed for meet in the same buckets.
 
 Heads, all read off the one causal pass:
-  retrieval  u_t = W h_t at feedback tokens (next item, recommendation) and at
+  retrieval  u_t = W h_t at item tokens (next item, recommendation) and at
              query tokens (the clicked item, search); score(u, i) = <u, item_vec(i)>
              / temperature, cosine when `normalize` (the item table is tied with
              the input tokens), plus (`repeat_bias`) one learned logit r / temperature
@@ -254,6 +255,9 @@ class UnifiedRecommender(nn.Module):
         x = x + self.type_emb(kind)
         x = x + self.surface_emb(batch["surface"]) * (kind != FEEDBACK).unsqueeze(-1) * (kind != PAD).unsqueeze(-1)
         x = x + self.label_emb(batch["label"]) * (kind == FEEDBACK).unsqueeze(-1)
+        if self.cfg.use_feedback and not self.cfg.feedback_tokens:   # previous event's label on this token
+            prev = batch["prev_label"]
+            x = x + self.label_emb(prev.clamp(min=0)) * (prev >= 0).unsqueeze(-1)
         is_q = kind == QUERY
         if is_q.any():   # only query positions pay for the piece lookup
             x = x.index_put((is_q,), x[is_q] + self._mean_pieces(batch["query"][is_q]))
@@ -274,7 +278,8 @@ class UnifiedRecommender(nn.Module):
 
         Candidate c of row b is an item token (surface rec) that sees the first
         `cand_prefix[b, c]` tokens of row b and itself, at token index
-        `cand_prefix[b, c]` and timestamp `cand_ts[b, c]`. `item_vec`: this step's
+        `cand_prefix[b, c]` and timestamp `cand_ts[b, c]`, carrying the label of the
+        prefix's last event as the real next item token would. `item_vec`: this step's
         `item_vectors()` if the caller already has them (training reuses them for the loss).
         """
         item_vec = self.item_vectors() if item_vec is None else item_vec
@@ -284,6 +289,9 @@ class UnifiedRecommender(nn.Module):
         B, T = batch["type"].shape
         C = cand_items.shape[1]
         cx = item_vec[cand_items] + self.type_emb.weight[ITEM] + self.surface_emb.weight[0]  # (B, C, d)
+        if self.cfg.use_feedback and not self.cfg.feedback_tokens:   # + the label of the prefix's last event
+            last = batch["label"].gather(1, (cand_prefix - 1).clamp(min=0))          # (B, C)
+            cx = cx + self.label_emb(last) * (cand_prefix > 0).unsqueeze(-1)
         x = torch.cat([x, cx], dim=1)                                           # (B, T + C, d)
         index = torch.cat([batch["index"], cand_prefix], dim=1)
         ts = torch.cat([batch["ts"], cand_ts], dim=1)
@@ -338,7 +346,8 @@ class UnifiedRecommender(nn.Module):
     # ---- public calls ---------------------------------------------------------------------
     def _context(self, histories, queries=None, query_ts=None):
         return context_batch(histories, self.cfg.max_len, use_queries=self.cfg.use_queries,
-                             use_feedback=self.cfg.use_feedback, queries=queries, query_ts=query_ts)
+                             use_feedback=self.cfg.use_feedback, queries=queries, query_ts=query_ts,
+                             feedback_tokens=self.cfg.feedback_tokens)
 
     @torch.no_grad()
     def user_state(self, histories: list[History], queries=None, query_ts=None) -> torch.Tensor:
@@ -409,7 +418,8 @@ class UnifiedRecommender(nn.Module):
         grown = {k: torch.cat([v, v[:, -1:]], 1) if v.dim() >= 2 else v for k, v in batch.items()}
         grown["index"] = torch.arange(grown["type"].shape[1]).expand(B, -1)
         rows = torch.arange(B)
-        for k, v in (("type", ITEM), ("item", items), ("label", 0), ("surface", 0), ("ts", ts)):
+        prev = torch.where(n > 0, batch["label"][rows, (n - 1).clamp(min=0)], -1)   # last event's label
+        for k, v in (("type", ITEM), ("item", items), ("label", 0), ("prev_label", prev), ("surface", 0), ("ts", ts)):
             grown[k][rows, n] = v if isinstance(v, torch.Tensor) else torch.full((B,), v)
         h, _ = self(grown)
         return h[rows, n]                                                       # (B, d)

@@ -9,11 +9,21 @@ table, so the published item vectors and `model.item_embeddings()` agree row for
 row. `load_snapshot` takes any object with a `load(version)` method returning such
 arrays (the registry: checksums verified, safetensors only); this module imports
 neither the registry nor anything beyond torch and numpy.
+
+Older versions: loading is strict (a missing or unexpected weight is an error)
+except for exactly these, each logged when it happens:
+* `repeat_logit` missing (saved before the learned repeat logit existed): it
+  starts at 0, as a new model's does - no offset on items of the context
+  window, which is how such a version was trained and served;
+* `feedback_tokens` missing from the manifest's model config (saved before the
+  one-token-per-event layout): such a version was trained with a feedback
+  token after each item, so it is read with `feedback_tokens=True`.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,11 +37,31 @@ from unirec.model.model import UnifiedRecommender
 from unirec.model.text import hash_pieces
 from unirec.model.vocab import ItemTable
 
+log = logging.getLogger(__name__)
+OPTIONAL_WEIGHTS = ("repeat_logit",)   # weights a version may lack (added later; initialised as a new model's)
+
 
 def model_config_from(d: dict) -> ModelConfig:
     """ModelConfig from a manifest's dict (keys this code does not know are ignored)."""
     names = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in d.items() if k in names})
+    kw = {k: v for k, v in d.items() if k in names}
+    if "feedback_tokens" not in kw:
+        log.info("model config without feedback_tokens (saved before the one-token-per-event layout): "
+                 "reading it with feedback_tokens=True")
+        kw["feedback_tokens"] = True
+    return ModelConfig(**kw)
+
+
+def load_weights(model: UnifiedRecommender, weights: dict) -> None:
+    """Strict `load_state_dict`, except that a weight in OPTIONAL_WEIGHTS may be missing
+    (it keeps the value the model was built with, and a log line says so)."""
+    missing = [k for k in OPTIONAL_WEIGHTS if k not in weights]
+    if missing:
+        log.info("version has no %s (saved before it existed): initialised as a new model's",
+                 ", ".join(missing))
+        state = model.state_dict()
+        weights = dict(weights) | {k: state[k] for k in missing}
+    model.load_state_dict(weights)
 
 
 def model_from_arrays(mc: ModelConfig, item_ids: list[str], weights: dict, table_arrays: dict, *,
@@ -43,7 +73,7 @@ def model_from_arrays(mc: ModelConfig, item_ids: list[str], weights: dict, table
                               expire_after_s=expire_after_s, pieces_of=pieces_of)
     model = UnifiedRecommender(mc, table)
     model.resize_items(table.n_rows)
-    model.load_state_dict({k: v for k, v in weights.items() if k != "item_pieces"})
+    load_weights(model, {k: v for k, v in weights.items() if k != "item_pieces"})
     model.refresh_items()
     table.changed = False
     return model, table

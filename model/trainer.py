@@ -7,7 +7,7 @@ beyond the batch it is given, so the same object serves offline training
 and online incremental fine-tuning (`step` on micro-batches from the stream).
 
 One step = one causal pass of the model over the batch, then
-  retrieval = InfoNCE(rec states at feedback tokens -> next item)
+  retrieval = InfoNCE(rec states at item tokens -> next item)
             + search_weight * InfoNCE(query states (+ lexical channel) -> clicked item)
             (+ enhancer hard negatives / soft positives on a sample of rec rows)
   ranking   = alpha * BCE + (1 - alpha) * BPR at item tokens
@@ -26,7 +26,10 @@ worth more than a constant rate: test NDCG@10 0.053 -> 0.062 at 1,200 steps,
 retrieval_only, one seed);
 embedding tables learn `emb_lr_mult` times faster (each item row is a target a
 few dozen times per epoch). Where a unified step's time goes and what was
-cut (1 thread, idle 2-core VM, ~84 ms per step): the item-text mean is one
+cut (1 thread, idle 2-core VM, ~84 ms per step with feedback tokens): each
+label rides on the next event's tokens instead of a token of its own
+(`batching.py`: 61 instead of 108 tokens per window, ~1.6x instead of ~2.1x
+the cost of a retrieval-only step), the item-text mean is one
 sparse matmul (was a gathered (N, P, d) tensor: ~5x less forward +
 backward), the optimiser is fused AdamW, the lexical cosines are a CSR
 product without a graph, the item vectors are computed once per step, the
@@ -252,8 +255,9 @@ class Trainer:
         budgets = [f for f in (cfg.time_budget_s and (lambda: (time.perf_counter() - start) / cfg.time_budget_s),
                                cfg.max_steps and (lambda: (self.steps - first_step) / cfg.max_steps)) if f]
         self.progress = (lambda: max(f() for f in budgets)) if budgets else None
-        token_lists = train_windows(histories, mc.max_len, use_queries=mc.use_queries, use_feedback=mc.use_feedback,
-                                    all_targets=cfg.all_targets)                 # tokenised once, not per epoch
+        token_lists = train_windows(histories, mc.max_len, use_queries=mc.use_queries,   # tokenised once, not per epoch
+                                    use_feedback=mc.use_feedback, all_targets=cfg.all_targets,
+                                    feedback_tokens=mc.feedback_tokens)
         epoch = 0
         for epoch in range(1, cfg.epochs + 1):
             t0, logs = time.perf_counter(), []

@@ -1,5 +1,6 @@
 """Ranking-driven enhancer: selection on a constructed example, mining on a tiny model."""
 import numpy as np
+import pytest
 import torch
 
 from unirec.model import enhancer
@@ -22,10 +23,10 @@ def test_select_hard_negatives_and_soft_positives():
     assert soft.tolist() == [[False, False, True], [False, False, True]]
 
 
-def _model_and_batch():
+def _model_and_batch(**kw):
     torch.manual_seed(0)
     items = {str(i): {"title": f"film {i}", "genres": ["Drama"]} for i in range(1, 31)}
-    cfg = ModelConfig(d_model=16, n_heads=2, n_buckets=100, max_len=20, dropout=0.0)
+    cfg = ModelConfig(d_model=16, n_heads=2, n_buckets=100, max_len=20, dropout=0.0, **kw)
     m = UnifiedRecommender(cfg, Vocab.build(items, n_buckets=100, ngram=0, max_pieces=4))
     rng = np.random.default_rng(0)
     hs = [History(rng.integers(1, 31, 8), rng.integers(0, 2, 8), np.arange(8) * 100 + 10**9,
@@ -54,9 +55,10 @@ def test_mine_excludes_target_and_uses_the_ranker():
         assert item not in batch["item"][row // T].tolist()
 
 
-def test_candidate_tokens_match_a_real_next_item_token():
+@pytest.mark.parametrize("feedback_tokens", [False, True])
+def test_candidate_tokens_match_a_real_next_item_token(feedback_tokens):
     """Scoring a candidate via the appended-token path equals putting it in the sequence."""
-    m, _ = _model_and_batch()
+    m, _ = _model_and_batch(feedback_tokens=feedback_tokens)
     m.eval()
     h = History(np.array([3, 4, 5]), np.array([1, 0, 1]), np.array([100, 200, 300]) + 10**9,
                 np.zeros(3, dtype=np.int64), [None] * 3)
@@ -65,6 +67,8 @@ def test_candidate_tokens_match_a_real_next_item_token():
     from unirec.model.batching import context_batch
     with torch.no_grad():
         p = m.rank([h], torch.tensor([[9, 2, 9]]), torch.tensor([400 + 10**9]))[0]
-        hl, _ = m(context_batch([longer], 20))
-        direct = torch.sigmoid(m.rank_logits(hl[0, 6]))      # the item token of event 3
+        hl, _ = m(context_batch([longer], 20, feedback_tokens=feedback_tokens))
+        direct = torch.sigmoid(m.rank_logits(hl[0, 6 if feedback_tokens else 3]))   # the item token of event 3
+        single = m.rank([h], torch.tensor([[9]]), torch.tensor([400 + 10**9]))[0, 0]   # the one-candidate path
     assert torch.allclose(p[0], direct, atol=1e-5) and torch.allclose(p[2], direct, atol=1e-5)
+    assert torch.allclose(single, direct, atol=1e-5)

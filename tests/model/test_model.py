@@ -30,13 +30,40 @@ def _hist(items, labels=None, queries=None):
 def test_token_layout_and_targets():
     h = _hist([3, 4, 5], labels=[1, 0, 1], queries=[None, [7, 8], None])
     b = next(train_batches([h], 30, 1))
+    assert b["type"][0].tolist() == [ITEM, QUERY, ITEM, ITEM]
+    # next-item targets sit on the item tokens; the query predicts its own click
+    assert b["rec_target"][0].tolist() == [4, 0, 5, 0]
+    assert b["search_target"][0].tolist() == [0, 4, 0, 0]
+    assert b["rank_label"][0].tolist() == [1, -1, 0, 1]
+    # each event's tokens carry the previous event's label, never their own
+    assert b["prev_label"][0].tolist() == [-1, 1, 1, 0]
+    assert b["ts"][0, 1] == b["ts"][0, 2]
+
+
+def test_token_layout_with_feedback_tokens():
+    h = _hist([3, 4, 5], labels=[1, 0, 1], queries=[None, [7, 8], None])
+    b = next(train_batches([h], 30, 1, feedback_tokens=True))
     assert b["type"][0].tolist() == [ITEM, FEEDBACK, QUERY, ITEM, FEEDBACK, ITEM, FEEDBACK]
+    assert (b["prev_label"] == -1).all()
     # next-item targets sit on the feedback tokens; the query predicts its own click
     assert b["rec_target"][0].tolist() == [0, 4, 0, 0, 5, 0, 0]
     assert b["search_target"][0].tolist() == [0, 0, 4, 0, 0, 0, 0]
     assert b["rank_label"][0].tolist() == [1, -1, -1, 0, -1, 1, -1]
     # tokens of one event share its timestamp
     assert b["ts"][0, 2] == b["ts"][0, 3] == b["ts"][0, 4]
+
+
+def test_an_events_label_reaches_later_events_only():
+    """The ranker at item t must not see label t (it is the target); the next event must see it."""
+    m = _model()
+    from unirec.model.batching import context_batch
+    a = _hist([3, 4, 5, 6], labels=[1, 1, 1, 1], queries=[None, None, [7, 8], None])
+    b = _hist([3, 4, 5, 6], labels=[1, 0, 1, 1], queries=[None, None, [7, 8], None])
+    with torch.no_grad():
+        ha, _ = m(context_batch([a], 30))
+        hb, _ = m(context_batch([b], 30))
+    assert torch.allclose(ha[0, :2], hb[0, :2], atol=1e-6)                  # events 0, 1 (item tokens)
+    assert not torch.allclose(ha[0, 2], hb[0, 2]) and not torch.allclose(ha[0, 3], hb[0, 3])   # q, i of event 2
 
 
 def test_windows_cover_every_event_once():
@@ -171,8 +198,8 @@ def test_repeat_scores_cover_exactly_the_items_the_state_has_seen():
     from unirec.model.batching import _tokens, collate
     b = collate([_tokens(_hist([3, 4, 5]), 0, True, True), _tokens(_hist([6, 7]), 0, True, True)])
     T = b["type"].shape[1]
-    # row 0: state after event 1 (feedback token 3) has seen items 3 and 4, not 5; row 1 sees 6 only
-    flat = torch.tensor([0 * T + 3, 1 * T + 1])
+    # row 0: state after event 1 (item token 1) has seen items 3 and 4, not 5; row 1 sees 6 only
+    flat = torch.tensor([0 * T + 1, 1 * T + 0])
     s = m.repeat_scores(b, flat)
     w = -0.7 / m.cfg.temperature
     assert s.shape == (2, 21)
@@ -209,3 +236,43 @@ def test_all_targets_trains_every_event_of_every_window():
     n_every = sum(int((b["rank_label"] >= 0).sum()) for b in every)
     assert n_once == 20                                   # each event once
     assert n_every == sum(e - s for s, e, _ in windows(20, 10)) > 20
+
+
+def _version_arrays(mc):
+    """A model on a small item table and the arrays a registry version holds for it."""
+    from unirec.model.vocab import ItemTable
+    torch.manual_seed(0)
+    table = ItemTable(8, mc.max_item_pieces)
+    table.assign(["a", "b", "c"], [1, 2, 3])
+    m = UnifiedRecommender(mc, table)
+    with torch.no_grad():
+        m.repeat_logit.fill_(-2.0)
+    weights = {k: v.detach().clone() for k, v in m.state_dict().items()} | {"item_pieces": table.pieces.clone()}
+    return m, table.live_ids(), weights, table.arrays()
+
+
+def test_version_saved_before_the_repeat_logit_loads_with_it_at_zero(caplog):
+    import logging
+
+    import pytest
+
+    from unirec.model.snapshot import model_from_arrays
+    mc = ModelConfig(d_model=32, n_heads=2, n_buckets=300, max_len=30)
+    m, ids, weights, arrays = _version_arrays(mc)
+    old = {k: v for k, v in weights.items() if k != "repeat_logit"}
+    with caplog.at_level(logging.INFO, logger="unirec.model.snapshot"):
+        got, _ = model_from_arrays(mc, ids, old, arrays)
+    assert got.repeat_logit.item() == 0.0 and got.repeat_logit.requires_grad    # as a new model's, still learns
+    assert "repeat_logit" in caplog.text
+    assert torch.equal(got.blocks[0].attn.qkv.weight, m.blocks[0].attn.qkv.weight)
+    full, _ = model_from_arrays(mc, ids, weights, arrays)                        # a current version: as saved
+    assert full.repeat_logit.item() == -2.0
+    broken = {k: v for k, v in weights.items() if k != "rank_head.0.weight"}     # any other gap is an error
+    with pytest.raises(RuntimeError, match="rank_head.0.weight"):
+        model_from_arrays(mc, ids, broken, arrays)
+
+
+def test_version_config_without_feedback_tokens_reads_the_old_layout():
+    from unirec.model.snapshot import model_config_from
+    assert model_config_from({"d_model": 32}).feedback_tokens is True
+    assert model_config_from({"d_model": 32, "feedback_tokens": False}).feedback_tokens is False
