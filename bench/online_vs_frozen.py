@@ -1,21 +1,29 @@
 """Online vs frozen: does fine-tuning on the stream beat the same model trained once and frozen?
 
-    .venv/bin/python bench/online_vs_frozen.py                  # 120 s of offline training
-    .venv/bin/python bench/online_vs_frozen.py --train-seconds 300 --batch-events 2000
+    .venv/bin/python bench/online_vs_frozen.py                  # 1,000 offline steps, 2,000-click batches
+    .venv/bin/python bench/online_vs_frozen.py --train-steps 2000 --batch-events 1000
 
 ML-100k (`events.jsonl`, time order) is cut at 70% of its event-time span.
 
-1. **Offline** (both arms start here): the online learner's model is trained on the
-   first 70% as `unirec train --offline` trains (every window of every user, epochs
-   of shuffled length-grouped batches) for `--train-seconds`.
+1. **Offline checkpoint** (both arms start from it): a model trained on the first 70%
+   as `unirec train --offline` trains with `train.max_steps` (`Trainer.fit`: every
+   window of every user, epochs of shuffled length-grouped batches, cosine learning-rate
+   decay over the budget; no validation split inside the head, so the annealed model
+   at the end of `--train-steps` is the checkpoint). A step budget, not seconds: the
+   checkpoint is the same on a busy machine. Both arms are rebuilt from its snapshot
+   arrays the way the pipeline opens the registry's latest version
+   (`OnlineLearner.from_arrays`: weights, item table, optimiser moments, step count).
 2. **The last 30%** is streamed in micro-batches of `--batch-events` clicks, in time
    order, exactly as the pipeline's FineTune stage sees them (each changed user's
    recent sequence with the batch's events as the new tail, `model.online.Example`).
    Both arms score each batch before anything trains on it (test-then-train):
-   `frozen` never updates; `online` then trains on the batch (`OnlineLearner.process`,
-   pipeline.yaml's `online:` and `train:` settings: replay buffer, growing table).
-3. NDCG@10 / HR@10 of the next item (full ranking over the live items, no masking),
-   ranking AUC and search Recall@10, each the exact mean over the events of the 30%.
+   `frozen` never updates (new items still get rows and their text, so it can rank
+   them); `online` then trains on the batch (`OnlineLearner.process` with
+   pipeline.yaml's `online:` and `train:` settings: learning-rate schedule, replay
+   buffer, growing table).
+3. NDCG@10 / HR@10 of the next item (full ranking over the live items, no masking,
+   scored as offline evaluation scores: retrieval + the repeat logit), ranking AUC and
+   search Recall@10, each the exact mean over the events of the 30%.
 
 The learner is the pipeline's own (`unirec.model.online.OnlineLearner`), driven in
 process: the Kafka/Beam/Feast path around it is measured by bench/freshness.py and
@@ -26,18 +34,16 @@ Last stdout line: {"online_ndcg@10", "frozen_ndcg@10", "ratio", ...}.
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from unirec.config import load
 from unirec.data import load_events, load_items
-from unirec.model.batching import train_batches
 from unirec.model.online import EvalSums, Example, OnlineLearner
 from unirec.model.snapshot import history_from_columns
 from unirec.model.text import hash_pieces
@@ -71,7 +77,11 @@ def load_stream(cfg):
     return [e for e in events if e["schema"].startswith("click")], qtext, pieces
 
 
-def offline_train(learner: OnlineLearner, seqs: dict[str, list[dict]], qtext: dict, seconds: float) -> int:
+def offline_train(learner: OnlineLearner, seqs: dict[str, list[dict]], qtext: dict, steps: int) -> dict:
+    """Train `learner` on the head as `unirec train --offline` does with `train.max_steps`:
+    `Trainer.fit` over every window of every user, cosine learning-rate decay over the
+    budget. There is no validation split inside the head, so no early stopping: the
+    annealed model at the end of the budget is the checkpoint."""
     mc, tr = learner.mc, learner.trainer
     hist = []
     for cs in seqs.values():
@@ -81,20 +91,24 @@ def offline_train(learner: OnlineLearner, seqs: dict[str, list[dict]], qtext: di
         hist.append(history_from_columns([c["item_id"] for c in cs], [c["label"] for c in cs], [c["ts"] for c in cs],
                                          [c["surface"] for c in cs], [qtext.get(c.get("query_id")) for c in cs],
                                          learner.table, mc))
-    rng, start, steps = np.random.default_rng(0), time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        for batch in train_batches(hist, mc.max_len, tr.cfg.batch_size, use_queries=mc.use_queries,
-                                   use_feedback=mc.use_feedback, rng=rng):
-            tr.step(batch)
-            steps += 1
-            if time.perf_counter() - start >= seconds:
-                break
-    return steps
+    tc = tr.cfg
+    tr.cfg = dataclasses.replace(tc, max_steps=steps, time_budget_s=0.0)
+    info = tr.fit(hist, lambda: float(tr.steps), log=lambda line: print(line, file=sys.stderr, flush=True))
+    tr.cfg = tc
+    return info
+
+
+def from_checkpoint(snap: dict, cfg, pieces) -> OnlineLearner:
+    """A learner from a snapshot's arrays, as the pipeline opens the registry's latest version
+    (`streaming.finetune.open_learner`): weights, item table, optimiser moments, step count."""
+    return OnlineLearner.from_arrays(cfg.model, cfg.train, cfg.online, item_ids=snap["item_ids"],
+                                     weights=snap["ranking"], table_arrays=snap["extra"]["idtable"],
+                                     trainer_arrays=snap["extra"]["trainer"], pieces_of=pieces)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train-seconds", type=float, default=120.0)
+    ap.add_argument("--train-steps", type=int, default=1000, help="offline optimiser steps on the head")
     ap.add_argument("--batch-events", type=int, default=2000)
     ap.add_argument("--split", type=float, default=0.7)
     ap.add_argument("--config", default=str(ROOT / "pipeline.yaml"))
@@ -111,10 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     for c in head:
         seqs.setdefault(c["user_id"], []).append(c)
     t = time.perf_counter()
-    online = OnlineLearner.fresh(mc, cfg.train, cfg.online, pieces_of=pieces)
-    steps = offline_train(online, seqs, qtext, args.train_seconds)
+    offline = OnlineLearner.fresh(mc, cfg.train, cfg.online, pieces_of=pieces)
+    info = offline_train(offline, seqs, qtext, args.train_steps)
     offline_s = time.perf_counter() - t
-    frozen = copy.deepcopy(online)
+    snap = offline.snapshot()
+    online, frozen = from_checkpoint(snap, cfg, pieces), from_checkpoint(snap, cfg, pieces)
     sums = {"online": EvalSums(k=10), "frozen": EvalSums(k=10)}
     secs = {"online": 0.0, "frozen": 0.0}
     keep = cfg.features.max_sequence_length
@@ -137,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
            "online_search_recall@10": m["online"]["search_recall@10"] and round(m["online"]["search_recall@10"], 4),
            "frozen_search_recall@10": m["frozen"]["search_recall@10"] and round(m["frozen"]["search_recall@10"], 4),
            "eval_events": m["online"]["eval_events"], "head_clicks": len(head), "tail_clicks": len(tail),
-           "offline_steps": steps, "offline_seconds": round(offline_s, 1),
+           "offline_steps": info["steps"], "offline_seconds": round(offline_s, 1),
            "online_seconds": round(secs["online"], 1), "frozen_seconds": round(secs["frozen"], 1),
            "online_steps": online.totals["steps"], "items_new_in_tail": online.table.added - len(
                {c["item_id"] for c in head})}

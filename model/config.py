@@ -113,6 +113,9 @@ class OnlineConfig:
     replay_buffer: int = 4000           # recent training windows kept to mix into later steps (0 = none)
     replay_fraction: float = 0.25       # share of each step's windows drawn from that buffer
     passes: int = 1                     # optimiser passes over each micro-batch's new windows
+    lr_decay_steps: int = 1000          # lr: train.lr's cosine to train.min_lr_ratio * lr over the model
+                                        # lineage's first N steps (offline ones included), then that floor;
+                                        # 0 = constant train.lr (undoes an annealed checkpoint: model/online.py)
     max_steps_per_batch: int = 0        # cap on optimiser steps per micro-batch (0 = train on every new
                                         # window); windows beyond it only enter the replay buffer (counted)
     item_capacity: int = 2048           # initial rows of the growing item table (doubles when full)
@@ -127,7 +130,7 @@ class OnlineConfig:
             raise ValueError(f"replay_fraction: must be in [0, 1), got {self.replay_fraction}")
         if self.passes < 1:
             raise ValueError(f"passes: must be >= 1, got {self.passes}")
-        for name in ("replay_buffer", "max_steps_per_batch", "item_capacity", "eval_k"):
+        for name in ("replay_buffer", "max_steps_per_batch", "item_capacity", "eval_k", "lr_decay_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.expire_after_s < 0:

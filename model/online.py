@@ -11,16 +11,27 @@ batches), a growing `ItemTable` and a replay buffer. Design choices:
   only (older events are context): the same windows and targets as offline
   training (`batching.windows`), cut to the events this batch brought. A user
   with more new events than fit in one window gets several windows, so every new
-  event is a target exactly once per pass.
+  event is a target exactly once per pass. Only the new events and the `max_len`
+  before them are converted (a pipeline example carries up to 200 events).
 * **Test-then-train (prequential) evaluation.** Before any update on a batch, the
   current model scores that batch's windows in eval mode, one causal pass:
   next-item HR@k / NDCG@k at each new event (full ranking over the live items,
-  seen items not masked, pessimistic ties: the offline protocol), ranking AUC of
+  seen items not masked, pessimistic ties, scores as `recommend_scores` gives them:
+  retrieval plus the learned repeat logit on the items of the state's context
+  window - the offline protocol, so online and offline figures compare), ranking AUC of
   the ranking head on the new events' labels, and search Recall@k / NDCG@k at each
   new search click (dense query state + lexical channel). Every new event is
   scored once, by a model that has never trained on it. Sums and counts are kept
   so that figures over any span (a batch, the time since the last publish) are
   exact means, not means of means.
+* **Learning rate.** `train.lr` with the trainer's warm-up, then its cosine down to
+  `train.min_lr_ratio * lr` over the first `online.lr_decay_steps` steps of the model's
+  lineage (offline steps included: the step count travels with every snapshot), then
+  that floor for good. A fresh pipeline model learns fast at first; a model resumed
+  from an annealed checkpoint keeps learning at the rate its schedule ended at. A
+  constant `train.lr` after an annealed checkpoint undoes the annealing: on
+  bench/online_vs_frozen.py (1,000 offline steps) online/frozen NDCG@10 was 0.91 at
+  2e-3, 1.05 at 5e-4, 1.07-1.08 at 5e-5..2e-4 (the floor, 1e-4: 1.08).
 * **Forgetting.** Each optimiser step takes `batch_size` windows: new ones and,
   once the buffer has some, a `replay_fraction` share drawn uniformly from a
   bounded FIFO of the most recent `replay_buffer` windows (recent history, not a
@@ -32,9 +43,10 @@ batches), a growing `ItemTable` and a replay buffer. Design choices:
   row starts from a fresh embedding and zeroed optimiser moments. Users have no
   ID table at all (a user *is* their sequence, as in SASRec/HSTU), so a new user
   needs nothing; they are counted (`users_new`: sequences made only of new events).
-* **State for resuming** (`snapshot` / `from_version`): model weights, the item
-  table, the optimiser moments and the trainer's counters, all as flat numpy arrays
-  for the registry's safetensors files. Nothing is pickled.
+* **State for resuming** (`snapshot` / `from_arrays`): model weights, the item
+  table, the optimiser moments, the trainer's counters and the adaptive loss
+  weighter's state (without it a resumed model re-weighs its losses from 1/1), all
+  as flat numpy arrays for the registry's safetensors files. Nothing is pickled.
 """
 from __future__ import annotations
 
@@ -117,6 +129,42 @@ class EvalSums:
                 "eval_events": self.rec_n, "eval_search_events": self.search_n, "eval_rank_events": len(labels)}
 
 
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+    """`metrics.target_ranks` (pessimistic ties, column 0 never a candidate, NaN = -inf,
+    nothing else masked) in one comparison over the score matrix, without its float64
+    copy. Column 0 (padding) scores -inf, so a finite target never counts it; a target
+    scored -inf or NaN (a broken model) takes the plain path."""
+    t = scores.gather(1, targets[:, None])                              # (N, 1)
+    if not torch.isfinite(t).all():
+        return metrics.target_ranks(scores, targets)
+    pad = scores[:, 0] >= t[:, 0]                                       # only if column 0 is not -inf
+    return ((scores >= t).sum(1) - 1 - pad.long()).numpy()              # the target itself is >= itself
+
+
+_WEIGHTER = ("weights", "initial", "smoothed", "grad_norms")
+
+
+def weighter_arrays(w) -> dict[str, np.ndarray]:
+    """The adaptive loss weighter's state as flat arrays (one value per task), so that a
+    resumed learner weighs its losses as the one that published, not from scratch."""
+    out = {"weighter.step": np.array([w.step], dtype=np.int64)}
+    for name in _WEIGHTER:
+        d = getattr(w, name)
+        if all(t in d for t in w.tasks):
+            out[f"weighter.{name}"] = np.array([d[t] for t in w.tasks], dtype=np.float64)
+    return out
+
+
+def load_weighter(w, arrays: dict) -> None:
+    """Inverse of `weighter_arrays` (snapshots without the keys leave the weighter fresh)."""
+    if "weighter.step" not in arrays:
+        return
+    w.step = int(np.asarray(arrays["weighter.step"]).reshape(-1)[0])
+    for name in _WEIGHTER:
+        if f"weighter.{name}" in arrays:
+            setattr(w, name, dict(zip(w.tasks, (float(x) for x in np.asarray(arrays[f"weighter.{name}"])))))
+
+
 class OnlineLearner:
     """Model + trainer + item table + replay buffer, updated one micro-batch at a time."""
 
@@ -129,6 +177,9 @@ class OnlineLearner:
         self.since = self._fresh_since()            # figures since the last publish
         self._pending_new: list[int] = []          # rows handed to new items in the batch being built
         self.totals = {"batches": 0, "events": 0, "windows": 0, "steps": 0, "deferred": 0, "users_new": 0}
+        if cfg.lr_decay_steps and trainer.cfg.lr_decay != "none":
+            # the trainer's cosine to min_lr_ratio * lr, over the lineage's first steps (see module doc)
+            trainer.progress = lambda: trainer.steps / cfg.lr_decay_steps
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -150,6 +201,7 @@ class OnlineLearner:
         trainer = Trainer(model, tc)
         if trainer_arrays:
             trainer.load_state_arrays(trainer_arrays)
+            load_weighter(trainer.weighter, trainer_arrays)
         table.changed = False
         return cls(model, trainer, table, oc, seed=tc.seed + trainer.steps)
 
@@ -165,9 +217,21 @@ class OnlineLearner:
         np_ = lambda d: {k: v.detach().cpu().numpy() if torch.is_tensor(v) else np.asarray(v) for k, v in d.items()}
         return {"item_embeddings": emb[rows].numpy().copy(), "item_ids": self.table.live_ids(),
                 "ranking": np_(weights),
-                "extra": {"idtable": self.table.arrays(), "trainer": np_(self.trainer.state_arrays())}}
+                "extra": {"idtable": self.table.arrays(),
+                          "trainer": np_(self.trainer.state_arrays()) | weighter_arrays(self.trainer.weighter)}}
 
     # ------------------------------------------------------------------ examples -> windows
+    def _needed(self, ex: Example) -> Example:
+        """`ex` cut to the events its windows can read: the new ones and at most `max_len`
+        before them (every window holding a new target ends after the first new event, so it
+        starts less than `max_len` events before it; the windows are the same as over the
+        whole sequence). Older context only cost conversion time, and rows for its items."""
+        cut = len(ex.item_ids) - min(ex.n_new, len(ex.item_ids)) - self.mc.max_len
+        if cut <= 0:
+            return ex
+        return Example(ex.user_id, ex.item_ids[cut:], ex.labels[cut:], ex.ts[cut:], ex.surfaces[cut:],
+                       ex.queries[cut:], ex.n_new)
+
     def _history(self, ex: Example) -> History:
         _, new_rows = self.table.assign(ex.item_ids, ex.ts)        # rows for new items first
         self._pending_new.extend(new_rows)
@@ -181,7 +245,8 @@ class OnlineLearner:
             if end <= first_new:
                 break
             lf = max(loss_from, first_new)
-            out.append(_tokens(h.slice(start, end), lf - start, self.mc.use_queries, self.mc.use_feedback))
+            out.append(_tokens(h.slice(start, end), lf - start, self.mc.use_queries, self.mc.use_feedback,
+                               feedback_tokens=self.mc.feedback_tokens))
         return out
 
     def _sync_table(self) -> dict:
@@ -208,11 +273,13 @@ class OnlineLearner:
             # buffered windows hold rows, and these rows will go to other items: forget them
             self.buffer = deque((w for w in self.buffer if freed.isdisjoint(w["item"])), maxlen=self.buffer.maxlen)
         self._pending_new = []
+        users_new = sum(1 for e in examples if e.n_new >= len(e.item_ids))
+        examples = [self._needed(e) for e in examples]
         hist = [(self._history(e), min(e.n_new, len(e.item_ids))) for e in examples]
         counts = self._sync_table()
         counts["items_expired"] = self.table.expired - expired_before
         counts["items_live"] = len(self.table)
-        counts["users_new"] = sum(1 for e in examples if e.n_new >= len(e.item_ids))
+        counts["users_new"] = users_new
         lists = [w for h, n in hist for w in self._windows(h, n)]
         stats: dict = {"watermark": watermark, "sequences": len(lists), "events": sum(n for _, n in hist)} | counts
         if (self.cfg.evaluate if evaluate is None else evaluate) and lists:
@@ -231,27 +298,35 @@ class OnlineLearner:
 
     @torch.no_grad()
     def evaluate(self, lists: list[dict], chunk: int = 64) -> EvalSums:
-        """Score windows with the current model before it trains on them (see module doc)."""
+        """Score windows with the current model before it trains on them (see module doc).
+
+        Next-item scores are `recommend_scores`' (offline evaluation, serving): retrieval
+        plus the repeat logit on the items of the state's context window; search scores are
+        `search_scores`' (dense query state plus the lexical channel)."""
         m, sums = self.model, EvalSums(k=self.cfg.eval_k)
         m.eval()
+        vec = m.item_vectors()                                   # (N_rows, d) once for all chunks
+        items = m.item_embeddings(vec)
         order = sorted(range(len(lists)), key=lambda i: len(lists[i]["type"]))
         for s in range(0, len(order), chunk):
             batch = collate([lists[i] for i in order[s:s + chunk]])
-            h, _ = m(batch)
+            h, _ = m(batch, item_vec=vec)
             B, T, d = h.shape
             hf = h.reshape(B * T, d)
             rec = batch["rec_target"].reshape(-1)
             rows = (rec > 0).nonzero().squeeze(1)
             if len(rows):
-                scores = m.retrieval_scores(m.user_vectors(hf[rows]))
-                sums.add_ranks(metrics.target_ranks(scores, rec[rows]), search=False)
+                scores = m.retrieval_scores(m.user_vectors(hf[rows]), items)
+                if m.cfg.repeat_bias:
+                    scores = scores + m.repeat_scores(batch, rows)
+                sums.add_ranks(target_ranks(scores, rec[rows]), search=False)
             srch = batch["search_target"].reshape(-1)
             srows = (srch > 0).nonzero().squeeze(1)
             if len(srows):
-                scores = m.retrieval_scores(m.user_vectors(hf[srows]))
+                scores = m.retrieval_scores(m.user_vectors(hf[srows]), items)
                 if m.cfg.use_lexical:
                     scores = scores + m.lexical_scores(batch["query"].reshape(B * T, -1)[srows])
-                sums.add_ranks(metrics.target_ranks(scores, srch[srows]), search=True)
+                sums.add_ranks(target_ranks(scores, srch[srows]), search=True)
             if m.cfg.use_feedback:
                 mask = batch["rank_label"] >= 0
                 if mask.any():

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from unirec.model.config import EnhancerConfig, ModelConfig, OnlineConfig, TrainConfig, WeighterConfig
-from unirec.model.online import Example, OnlineLearner
+from unirec.model import metrics
+from unirec.model.online import Example, OnlineLearner, target_ranks
 from unirec.model.snapshot import history_from_columns, model_from_arrays
 from unirec.model.vocab import ItemTable
 
@@ -147,6 +148,8 @@ def test_snapshot_round_trip_restores_model_table_and_optimiser():
     np.testing.assert_allclose(back.model.item_embeddings()[rows].detach().numpy(), snap["item_embeddings"],
                                rtol=1e-6, atol=1e-6)
     assert back.trainer.steps == lr.trainer.steps
+    assert back.trainer.weighter.state_dict() == lr.trainer.weighter.state_dict()
+    assert lr.trainer.weighter.weights != {"retrieval": 1.0, "ranking": 1.0}    # it had moved: a real check
     p = dict(back.model.named_parameters())["blocks.0.attn.qkv.weight"]
     q = dict(lr.model.named_parameters())["blocks.0.attn.qkv.weight"]
     torch.testing.assert_close(back.trainer.opt.state[p]["exp_avg"], lr.trainer.opt.state[q]["exp_avg"])
@@ -168,3 +171,57 @@ def test_search_events_are_scored_with_the_query():
     lr = learner()
     stats = lr.process([example(u, [(u + k) % 12 + 1 for k in range(9)], 10**9, search_every=3) for u in range(4)])
     assert stats["eval"]["eval_search_events"] == 4 * 3 and stats["eval"]["search_recall@10"] is not None
+
+
+def test_next_item_figures_rank_as_recommend_scores_does_repeat_logit_included():
+    lr = learner()
+    lr.process(cyclic_batch(0))
+    with torch.no_grad():
+        lr.model.repeat_logit.fill_(0.2)                  # +2.9 logits on items of the context window
+    batch = [example(u, [(u + k) % 3 + 1 for k in range(MC.max_len)], 10**9) for u in range(3)]  # repeats
+    hists = [lr._history(e) for e in batch]
+    lr._sync_table()
+    ranks = []
+    for h in hists:                                       # offline: one history prefix per target
+        for j in range(1, len(h)):
+            s = lr.model.recommend_scores([h.slice(0, j)])
+            ranks.append(int(metrics.target_ranks(s, [h.items[j]])[0]))
+    ranks = np.array(ranks)
+    expected = np.where(ranks < 10, 1.0 / np.log2(ranks + 2.0), 0.0).mean()
+    got = lr.process(batch, train=False)["eval"]
+    assert got["eval_events"] == len(ranks) and got["ndcg@10"] == pytest.approx(expected)
+    lr.model.repeat_logit.data.fill_(0.0)                 # the figure does move with the repeat logit
+    assert lr.process(batch, train=False)["eval"]["ndcg@10"] != pytest.approx(expected)
+
+
+def test_fast_target_ranks_match_the_metrics_module():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randint(0, 4, (50, 9), generator=g).float()     # many ties
+    s[::7, 3] = float("nan")
+    s[::5, :] = float("-inf")
+    t = torch.randint(1, 9, (50,), generator=g)
+    np.testing.assert_array_equal(target_ranks(s, t), metrics.target_ranks(s, t))
+
+
+def test_old_context_is_cut_without_changing_the_windows():
+    lr = learner()
+    ex = example(1, [k % 12 + 1 for k in range(40)], 10**9, n_new=3)
+    full = lr._windows(lr._history(ex), 3)
+    cut = lr._needed(ex)
+    assert len(cut.item_ids) == 3 + MC.max_len and cut.item_ids[-1] == ex.item_ids[-1]
+    assert lr._windows(lr._history(cut), 3) == full
+
+
+
+def test_online_lr_decays_over_the_lineage_first_steps_then_stays_at_the_floor():
+    tc = TrainConfig(lr=1e-2, batch_size=8, warmup_steps=1, min_lr_ratio=0.1, threads=1)
+    oc = OnlineConfig(item_capacity=4, lr_decay_steps=6)
+    lr = OnlineLearner.fresh(MC, tc, oc, pieces_of=lambda i: [1])
+    rates = [lr.process(cyclic_batch(s))["lr"] for s in range(6)]
+    assert rates[0] > 0.5 * tc.lr and rates[-1] == pytest.approx(tc.lr * tc.min_lr_ratio)
+    snap = lr.snapshot()                                  # a resumed model keeps the floor: steps travel along
+    back = OnlineLearner.from_arrays(MC, tc, oc, item_ids=snap["item_ids"], weights=snap["ranking"],
+                                     table_arrays=snap["extra"]["idtable"], trainer_arrays=snap["extra"]["trainer"])
+    assert back.process(cyclic_batch(7))["lr"] == pytest.approx(tc.lr * tc.min_lr_ratio)
+    const = OnlineLearner.fresh(MC, tc, OnlineConfig(item_capacity=4, lr_decay_steps=0))
+    assert [const.process(cyclic_batch(s))["lr"] for s in range(6)][-1] == pytest.approx(tc.lr)
