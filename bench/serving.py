@@ -21,12 +21,14 @@ hide queueing (no coordinated omission). Before measuring, every user is
 requested once (closed loop, 2 at a time) and then `--warmup` seconds of the
 measured load run unmeasured. With the cache on (default) the measured requests
 are then users whose sequence has not changed (the ranked list is reused: a
-feature read, no Transformer pass), i.e. the steady state between publishes;
-`--no-cache` measures every request through both Transformer passes.
+feature read, no model pass), i.e. the steady state between publishes;
+`--no-cache` measures every request through the model (retrieval + re-ranking).
 
 Last stdout line: {"qps", "p50_ms", "p99_ms", "errors", ...details}; the details include
-the server's CPU time per measured request (independent of what else runs on the
-machine) and the 1-minute load average (the machine is shared: latency is not).
+the server's CPU time per measured request (less dependent on what else runs on the
+machine), the server-side latency quantiles (upper bound of their histogram bucket:
+arrival at the inference queue to answer), the mean number of requests answered per
+model pass, and the 1-minute load average (the machine is shared: latency is not).
 """
 from __future__ import annotations
 
@@ -181,15 +183,29 @@ def cpu_seconds(pid: int) -> float:
 
 
 def scrape(port: int) -> dict:
+    """Counters, the batch-size histogram and the server-side latency histogram of the server."""
     import requests
     from prometheus_client.parser import text_string_to_metric_families
 
-    out = {}
+    out: dict = {"latency_le": {}}
     for fam in text_string_to_metric_families(requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text):
         for s in fam.samples:
             if s.name in ("unirec_serving_cache_total", "unirec_serving_exposures_total"):
                 out[f"{s.name[15:-6]}_{next(iter(s.labels.values()))}"] = int(s.value)
+            elif s.name in ("unirec_serving_batch_size_requests_sum", "unirec_serving_batch_size_requests_count"):
+                out[s.name.rsplit("_", 1)[1]] = s.value
+            elif s.name == "unirec_serving_request_duration_seconds_bucket" and s.labels["endpoint"] == "recommend":
+                le = float(s.labels["le"])
+                out["latency_le"][le] = out["latency_le"].get(le, 0) + s.value
     return out
+
+
+def server_quantile(before: dict, after: dict, q: float) -> float:
+    """Upper bound (ms) of the server-side latency bucket holding quantile q of the requests
+    between two scrapes."""
+    cum = sorted((le, after["latency_le"][le] - before["latency_le"].get(le, 0)) for le in after["latency_le"])
+    total = cum[-1][1]
+    return next(le for le, n in cum if n >= q * total) * 1000
 
 
 def main() -> None:
@@ -246,6 +262,7 @@ def main() -> None:
             time.sleep(0.2)
         asyncio.run(sweep(port, users))
         asyncio.run(load(port, users, args.rate, args.warmup, args.connections, seed=1))
+        before = scrape(port)
         t, cpu = time.perf_counter(), cpu_seconds(server.pid)
         res = asyncio.run(load(port, users, args.rate, args.duration, args.connections, seed=2))
         wall, cpu = time.perf_counter() - t, cpu_seconds(server.pid) - cpu
@@ -260,13 +277,18 @@ def main() -> None:
         Path(args.dump).write_text(json.dumps(res))
     lat = np.array([r[1] for r in res]) * 1000
     errors = sum(r[2] != 200 for r in res)
-    hits, misses = counters.get("cache_hit", 0), counters.get("cache_miss", 0)
+    hits, misses = counters.get("cache_hit", 0) - before.get("cache_hit", 0), \
+        counters.get("cache_miss", 0) - before.get("cache_miss", 0)
+    batches = counters.get("count", 0) - before.get("count", 0)
     print(json.dumps({"qps": round(len(res) / wall, 1), "p50_ms": round(float(np.percentile(lat, 50)), 2),
                       "p99_ms": round(float(np.percentile(lat, 99)), 2), "errors": errors,
                       "requests": len(res), "rate": args.rate, "max_ms": round(float(lat.max()), 2),
                       "cache": not args.no_cache, "cache_hit_ratio": round(hits / max(1, hits + misses), 3),
                       "exposures": {k[10:]: v for k, v in counters.items() if k.startswith("exposures_")},
                       "server_cpu_ms_per_request": round(1000 * cpu / len(res), 3), "users": len(users),
+                      "server_p50_ms_le": server_quantile(before, counters, 0.5),
+                      "server_p99_ms_le": server_quantile(before, counters, 0.99),
+                      "mean_batch": round((counters.get("sum", 0) - before.get("sum", 0)) / max(1, batches), 2),
                       "load_average_1m": os.getloadavg()[0]}))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -74,6 +75,11 @@ class KafkaSender:
             if time.monotonic() < self._retry_at:
                 raise RuntimeError("Kafka producer unavailable (retrying later)")
             from unirec.streaming.replay import make_producer
+            if not self._reachable():
+                # kafka-python's constructor blocks ~30 s on a dead bootstrap address, busy
+                # in this process while requests are served: probe with a plain connect first.
+                self._retry_at = time.monotonic() + 5.0
+                raise RuntimeError(f"Kafka at {self.cfg.bootstrap_servers} does not accept connections")
             try:
                 self.producer = make_producer(self.cfg, acks=1, enable_idempotence=False, linger_ms=20,
                                               batch_size=64 * 1024, max_block_ms=2000)
@@ -83,6 +89,18 @@ class KafkaSender:
         fut = self.producer.send(self.topic, key=rec["user_id"].encode(), value=orjson.dumps(rec))
         fut.add_callback(lambda _: self.metrics.exposures.labels("sent").inc())
         fut.add_errback(lambda _: self.metrics.exposures.labels("failed").inc())
+
+    def _reachable(self, timeout_s: float = 0.5) -> bool:
+        """Whether any bootstrap server accepts a TCP connection."""
+        servers = self.cfg.bootstrap_servers
+        for server in (servers.split(",") if isinstance(servers, str) else servers):
+            host, _, port = server.strip().rpartition(":")
+            try:
+                socket.create_connection((host.strip("[]") or "localhost", int(port)), timeout=timeout_s).close()
+                return True
+            except (OSError, ValueError):
+                continue
+        return False
 
     def close(self, timeout_s: float) -> None:
         if self.producer is not None:

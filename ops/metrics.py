@@ -73,6 +73,8 @@ BATCH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 WRITE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # arrival in Kafka -> features online: the arrival grace (0.5 s) plus a batch or two, up to minutes under backlog
 FRESHNESS_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+# serving: a cached list ~1 ms, a model pass a few ms, the 20 ms target in the middle
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 TopicPartition = tuple[str, int]
 # dead-letter reasons of valid events rejected by the per-user merge (unirec.features.sequence)
@@ -80,6 +82,7 @@ MERGE_REASONS = ("duplicate", "late")
 LOSS_HEADS = ("retrieval", "ranking", "search")
 WEIGHTED_HEADS = ("retrieval", "ranking")          # the adaptive weighter's heads
 EVAL_METRICS = ("hr@10", "ndcg@10", "auc", "search_recall@10")
+DRIFT_KINDS = ("input", "score", "embedding")        # what unirec_drift_comparisons_total counts
 
 
 class PipelineMetrics:
@@ -197,6 +200,11 @@ class PipelineMetrics:
             "Mean predicted click probability minus observed positive rate (> 0: over-confident).")
         self.calibration_ece = gauge(
             "unirec_drift_calibration_ece", "Expected calibration error of ranking probabilities (10 bins).")
+        self.drift_comparisons = counter(
+            "unirec_drift_comparisons_total",
+            "Drift values computed since the process started (kind: input | score windows compared with "
+            "the window before, embedding: version pairs). The drift alerts wait for a few: warm-up.",
+            ("kind",))
         if values.ValueClass is values.MutexValue:
             # Not computed yet: NaN, not 0 (an overlap of 0 would read as total drift). Skipped
             # in multiprocess mode, where a late-starting process would overwrite the most
@@ -209,6 +217,8 @@ class PipelineMetrics:
                 g.set(math.nan)
         for head in LOSS_HEADS:      # at 0, so that increase() sees the first NaN
             self.train_nonfinite_loss.labels(head)
+        for kind in DRIFT_KINDS:     # at 0: the alerts' warm-up guard reads "none yet", not "no data"
+            self.drift_comparisons.labels(kind)
 
     # ---- recording -------------------------------------------------------------------------
     def init_topics(self, topics: Iterable[str], reasons: Iterable[str]) -> None:
@@ -272,10 +282,44 @@ class PipelineMetrics:
 
     def names(self) -> set[str]:
         """Every metric name as exposed (counters with `_total`), for checks of dashboards and rules."""
-        out = set()
-        for family in self.registry.collect():
-            out.add(family.name + "_total" if family.type == "counter" else family.name)
-        return out
+        return _names(self.registry)
+
+
+class ServingMetrics:
+    """The metrics of `unirec serve` (`unirec.ops.serving`), on the server's own `registry`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = self.registry = registry if registry is not None else CollectorRegistry()
+        self.requests = Counter("unirec_serving_requests_total", "Requests by endpoint, arm and HTTP status.",
+                                ("endpoint", "arm", "status"), registry=r)
+        self.latency = Histogram("unirec_serving_request_duration_seconds",
+                                 "Server-side time of a request, arrival to response (endpoint, arm).",
+                                 ("endpoint", "arm"), registry=r, buckets=LATENCY_BUCKETS)
+        self.batch_size = Histogram("unirec_serving_batch_size_requests",
+                                    "Requests answered together in one pass of the inference thread.",
+                                    registry=r, buckets=(1, 2, 4, 8, 16, 32))
+        self.cold_start = Counter("unirec_serving_cold_start_total", "Requests answered without a user sequence.",
+                                  ("endpoint",), registry=r)
+        self.degraded = Counter("unirec_serving_feature_errors_total",
+                                "Feature-store reads that failed (request served cold-start).", registry=r)
+        self.cache = Counter("unirec_serving_cache_total", "Ranked-list cache lookups (result: hit | miss).",
+                             ("result",), registry=r)
+        self.exposures = Counter("unirec_serving_exposures_total",
+                                 "Exposure records (result: sent | dropped | failed).", ("result",), registry=r)
+        self.prewarmed = Counter("unirec_serving_prewarmed_total",
+                                 "Ranked lists recomputed with a new version before it went live.", registry=r)
+        self.loads = Counter("unirec_serving_model_loads_total", "Model version loads (result: ok | failed).",
+                             ("result",), registry=r)
+        self.version = Gauge("unirec_serving_model_version", "1 for the version each arm serves (arm, version).",
+                             ("arm", "version"), registry=r, multiprocess_mode="mostrecent")
+
+    def names(self) -> set[str]:
+        return _names(self.registry)
+
+
+def _names(registry: CollectorRegistry) -> set[str]:
+    """Every metric name as exposed (counters with `_total`)."""
+    return {f.name + "_total" if f.type == "counter" else f.name for f in registry.collect()}
 
 
 class BatchCounts(NamedTuple):

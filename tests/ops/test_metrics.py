@@ -14,7 +14,8 @@ from prometheus_client import CollectorRegistry
 
 from unirec.ops import drift
 from unirec.ops.metrics import (
-    MERGE_REASONS, PipelineMetrics, batch_counts, consumer_lag, exposition_registry, parse_bind, serve,
+    MERGE_REASONS, PipelineMetrics, ServingMetrics, batch_counts, consumer_lag, exposition_registry, parse_bind,
+    serve,
 )
 
 
@@ -34,6 +35,20 @@ def test_names_follow_prometheus_conventions():
         if f.type == "gauge":
             assert not f.name.endswith("_total"), f.name
     assert "unirec_events_consumed_total" in m.names()
+
+
+def test_serving_metrics_are_declared_here_with_the_same_conventions():
+    s = ServingMetrics()
+    families = list(s.registry.collect())
+    assert len(families) == len(s.names()) >= 10
+    for f in families:
+        assert f.name.startswith("unirec_serving_") and f.documentation, f.name
+        if f.type == "histogram":
+            assert f.name.endswith(("_seconds", "_requests")), f.name
+        if f.type == "gauge":
+            assert not f.name.endswith("_total"), f.name
+    assert not s.names() & PipelineMetrics().names()      # one process may serve both registries
+    assert "unirec_serving_requests_total" in s.names()
 
 
 def test_registries_are_isolated_from_each_other_and_from_the_global_one():

@@ -264,6 +264,41 @@ def test_repeated_requests_hit_the_cache_until_the_sequence_changes(reg, tmp_pat
     assert ITEMS[3] not in b and svc.metrics.cache.labels("miss")._value.get() == 2
 
 
+def test_requests_that_queue_are_answered_together_with_their_own_answers(reg, tmp_path):
+    """While the inference thread is busy, requests queue; the next pass answers all of them at
+    once (one feature read, one model pass per version), each exactly as if it came alone."""
+    import asyncio
+
+    users = {f"u{n}": seq(f"u{n}", ITEMS[n: n + 2 + n % 5]) for n in range(10)}
+    svc, sent = make_service(reg, tmp_path, FakeStore(users), cache_users=0)
+    svc.refresh()
+    calls = [("recommend", u, 3 + n % 4, {}) for n, u in enumerate(users)] + [
+        ("search", "u1", 4, {"q": "golf"}), ("search", "u2", 2, {"q": "india kilo"}), ("search", "nobody", 3, {"q": "lima"}),
+        ("recommend", "nobody", 2, {}), ("search", "u3", 3, {"q": "?!"}), ("recommend", "u4", 6, {"exclude_seen": False})]
+    alone = [svc.handle(e, u, k, **kw)[:2] for e, u, k, kw in calls]
+    store_reads = svc._store.reads
+    gate = threading.Event()
+    svc.executor.submit(gate.wait)                       # the inference thread is busy: requests queue
+
+    async def burst():
+        tasks = [asyncio.create_task(svc.submit(e, u, k, **kw)) for e, u, k, kw in calls]
+        await asyncio.sleep(0.1)
+        gate.set()
+        return await asyncio.gather(*tasks)
+
+    together = asyncio.run(burst())
+    strip = lambda b: {key: v for key, v in b.items() if key not in ("request_id", "scores")}  # noqa: E731
+    assert [(st, strip(b)) for st, b in together] == [(st, strip(b)) for st, b in alone]
+    for (_, b), (_, want) in zip(together, alone):
+        np.testing.assert_allclose(b.get("scores", []), want.get("scores", []), rtol=1e-5)
+    assert [st for st, _ in together].count(400) == 1
+    assert svc._store.reads == store_reads + 1           # one feature read for the whole batch
+    batches = svc.metrics_registry.get_sample_value("unirec_serving_batch_size_requests_count")
+    assert batches == 1 and svc.metrics_registry.get_sample_value("unirec_serving_batch_size_requests_sum") == len(calls)
+    wait_for(lambda: len(sent) == 2 * (len(calls) - 1))  # an exposure per answered request, each time
+    svc.close()
+
+
 def test_no_published_version_is_a_503_with_a_message(tmp_path):
     svc, _ = make_service(Registry(tmp_path / "empty"), tmp_path, FakeStore({}))
     svc.refresh()
@@ -382,3 +417,22 @@ def test_end_to_end_real_registry_feast_and_kafka_with_rollout_status(reg, tmp_p
     assert main(["-c", str(cfg_path), "rollout", "promote"]) == 0
     state = ex.load_state(exp_cfg.state_path)
     assert state["versions"]["control"] == v2 and state["epoch"] == 2 and v2 in reg.pinned()
+
+
+def test_exposures_to_a_dead_broker_fail_without_building_a_producer(monkeypatch):
+    """kafka-python's producer blocks ~30 s on a dead bootstrap address; the sender probes first."""
+    import socket
+
+    from unirec.ops.exposures import KafkaSender
+    from unirec.streaming import replay
+    from unirec.streaming.config import KafkaConfig
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]          # closed again: nothing listens there
+    monkeypatch.setattr(replay, "make_producer", lambda *a, **k: pytest.fail("producer built for a dead broker"))
+    sender = KafkaSender(KafkaConfig(bootstrap_servers=f"127.0.0.1:{port}"), "exposures", metrics=None)
+    with pytest.raises(RuntimeError, match="does not accept connections"):
+        sender({"user_id": "u1"})
+    with pytest.raises(RuntimeError, match="retrying later"):   # and does not probe again at once
+        sender({"user_id": "u1"})
