@@ -135,11 +135,16 @@ def rejection_reasons(reason: Any) -> list[str]:
 def batch_accounting(report: Any) -> tuple[dict[str, int], Counter, bool]:
     """(records per topic, dead letters per (topic, reason), per_topic) of a batch report.
 
-    Per topic if the report has `consumed` {topic: records} and dead letters keyed by
-    (topic, reason); otherwise everything under topic "all" (the driver's BatchReport)."""
-    dead_in = getattr(report, "dead_letters", None) or {}
+    Per topic if the report has a non-empty `consumed` {topic: records} and dead letters
+    keyed by (topic, reason) (`dead_letters_by_topic`, or `dead_letters` so keyed);
+    otherwise everything under topic "all" (`records`, dead letters keyed by reason)."""
     consumed_in = getattr(report, "consumed", None)
-    per_topic = isinstance(consumed_in, Mapping) and all(isinstance(k, tuple) and len(k) == 2 for k in dead_in)
+    per_topic = isinstance(consumed_in, Mapping) and bool(consumed_in)
+    dead_in = (getattr(report, "dead_letters_by_topic", None) if per_topic else None) \
+        or getattr(report, "dead_letters", None) or {}
+    per_topic = per_topic and all(isinstance(k, tuple) and len(k) == 2 for k in dead_in)
+    if not per_topic:
+        dead_in = getattr(report, "dead_letters", None) or {}
     dead: Counter = Counter()
     for key, n in dead_in.items():
         topic, reason = key if per_topic else (ALL_TOPICS, key)
@@ -324,6 +329,8 @@ class Monitor:
                         window_events=self._inputs.events, closed=d is not None)
             if d is not None:
                 self.metrics.set_input_drift(d)
+                if self._inputs.index > 1:      # the first window is the reference: nothing compared
+                    self.metrics.drift_comparisons.labels("input").inc()
                 line.update(d._asdict())
 
     # ------------------------------------------------------------ training
@@ -383,6 +390,7 @@ class Monitor:
             psi, cal = closed
             if not math.isnan(psi):
                 self.metrics.score_psi.set(psi)
+                self.metrics.drift_comparisons.labels("score").inc()
             self.metrics.set_calibration(cal)
             out.update(score_psi=psi, calibration_gap=cal.gap, calibration_ece=cal.ece)
         return out
@@ -435,6 +443,7 @@ class Monitor:
             self._error("publish", f"embedding drift: {e}")
             return out
         self.metrics.set_embedding_drift(d)
+        self.metrics.drift_comparisons.labels("embedding").inc()
         out.update(embedding_cosine_distance=d.mean_cosine_distance,
                    embedding_neighbour_overlap=d.neighbour_overlap, embedding_shared_items=d.shared)
         return out

@@ -87,6 +87,22 @@ def test_per_topic_reports_are_counted_per_topic(make):
     assert value(m, "unirec_events_consumed_total", topic="all") is None
 
 
+def test_driver_reports_with_per_topic_counts_are_counted_per_topic(make):
+    """The driver's report carries both: dead letters per reason and per (topic, reason)."""
+    m = make()
+    r = SimpleNamespace(batch_id=1, records=12, users=1, items=1, path="in_process", seconds={"run": 0.1},
+                        pushed_at=time.time(), arrival_ms=[], consumed={"clicks": 8, "queries": 4},
+                        dead_letters=Counter({"late": 1, "malformed_json": 2}),
+                        dead_letters_by_topic=Counter({("queries", "late"): 1, ("clicks", "malformed_json"): 2}))
+    m.on_batch(r, {})
+    m.on_batch(SimpleNamespace(**{**vars(r), "consumed": {"clicks": 0, "queries": 0}, "records": 0,
+                                  "dead_letters": Counter(), "dead_letters_by_topic": Counter()}), {})
+    assert value(m, "unirec_events_valid_total", topic="clicks") == 6
+    assert value(m, "unirec_events_applied_total", topic="queries") == 3
+    assert value(m, "unirec_events_dead_lettered_total", topic="clicks", reason="malformed_json") == 2
+    assert value(m, "unirec_events_consumed_total", topic="all") is None
+
+
 def test_freshness_is_sampled_on_large_batches(make):
     m = make()
     m.on_batch(report(records=5000), {})
@@ -110,6 +126,22 @@ def test_input_windows_compare_each_window_with_the_one_before(make):
     assert 0 < value(m, "unirec_drift_item_popularity_js") < 1
     assert math.isnan(value(m, "unirec_drift_query_terms_js"))               # no queries in window 2
     assert value(m, "unirec_events_watermark_seconds") == 200
+
+
+def test_drift_comparisons_are_counted_per_kind_for_the_alerts_warm_up(make):
+    m = make(input_window_events=2, score_window=10)
+    assert [value(m, "unirec_drift_comparisons_total", kind=k) for k in ("input", "score", "embedding")] == [0, 0, 0]
+    for n in range(4):                                   # 4 windows: the first is the reference
+        m.on_events(item_ids=["a", f"b{n}"], user_ids=["u1"], query_texts=[], watermark=100 + n)
+    m.on_events(item_ids=["a"], user_ids=["u1"], query_texts=[], watermark=200)   # an open window counts nothing
+    assert value(m, "unirec_drift_comparisons_total", kind="input") == 3
+    for _ in range(3):
+        m.on_train({"rank_probs": [0.5] * 10, "rank_labels": [1, 0] * 5})
+    assert value(m, "unirec_drift_comparisons_total", kind="score") == 2
+    ids, emb = _table()
+    for v in range(3):
+        m.on_publish({"version": f"v{v}", "accepted": True, "item_ids": ids, "item_embeddings": emb + v})
+    assert value(m, "unirec_drift_comparisons_total", kind="embedding") == 2
 
 
 # ---- training --------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from unirec.ops.config import ServingConfig
 from unirec.ops.metrics import DEFAULT_BIND, PipelineMetrics
 
 PROM_DIR = Path(__file__).resolve().parents[2] / "ops" / "prometheus"
@@ -51,12 +52,27 @@ def test_every_alert_has_a_firing_and_a_quiet_unit_test():
     assert alerts - quiet == set(), "alerts without a non-firing case"
 
 
-def test_default_scrape_target_is_the_default_metrics_bind():
+def test_every_drift_alert_waits_for_warm_up():
+    """Drift alerts also need a few comparisons of their kind since the process started
+    (alerts_test.yml shows them quiet during warm-up and firing after)."""
+    drift_rules = [r for r in _rules() if any(n.startswith("unirec_drift_") for n in referenced_metrics(r["expr"]))]
+    assert len(drift_rules) >= 8
+    for rule in drift_rules:
+        assert re.search(r'unirec_drift_comparisons_total\{kind="(input|score|embedding)"\} >= \d', rule["expr"]), \
+            rule["alert"]
+
+
+def test_default_scrape_targets_are_the_default_binds():
     cfg = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
-    (job,) = cfg["scrape_configs"]
-    targets = [t for f in job["file_sd_configs"][0]["files"] for path in PROM_DIR.glob(f)
-               for group in yaml.safe_load(path.read_text()) for t in group["targets"]]
-    assert targets == [DEFAULT_BIND]
+    jobs = {job["job_name"]: job for job in cfg["scrape_configs"]}
+
+    def targets(job):
+        return [t for f in job["file_sd_configs"][0]["files"] for path in PROM_DIR.glob(f)
+                for group in yaml.safe_load(path.read_text()) for t in group["targets"]]
+
+    assert set(jobs) == {"unirec-pipeline", "unirec-serve"}
+    assert targets(jobs["unirec-pipeline"]) == [DEFAULT_BIND]
+    assert targets(jobs["unirec-serve"]) == [ServingConfig().bind]
 
 
 def _promtool(*args: str) -> subprocess.CompletedProcess:
