@@ -401,3 +401,36 @@ def serve(registry: CollectorRegistry, bind: str = DEFAULT_BIND) -> MetricsServe
     host, port = parse_bind(bind)
     server, thread = start_http_server(port, addr=host, registry=exposition_registry(registry))
     return MetricsServer(server, thread)
+
+
+# ---- A/B experiments (ops/experiments.py, streaming/experiment_feed.py) ----------------------
+class ExperimentMetrics:
+    """Per-arm A/B figures as gauges (they restart with every experiment epoch, so not counters)."""
+
+    def __init__(self, registry):
+        def gauge(name: str, doc: str, labels=("experiment", "arm")):
+            return Gauge(name, doc, labels, registry=registry, multiprocess_mode="mostrecent")
+
+        self.exposures = gauge("unirec_ab_exposures", "Exposures (served lists) of the arm in this experiment.")
+        self.clicked = gauge("unirec_ab_clicked_exposures", "Exposures with at least one attributed click.")
+        self.clicks = gauge("unirec_ab_clicks", "Attributed clicks (request, item) of the arm.")
+        self.ctr = gauge("unirec_ab_ctr_ratio", "Clicked exposures / exposures of the arm.")
+        self.ndcg = gauge("unirec_ab_ndcg", "Mean NDCG of the clicked positions per exposure of the arm.")
+        self.p99 = gauge("unirec_ab_latency_p99_seconds", "p99 server latency of the arm's exposures.")
+        self.decision = gauge("unirec_ab_decision", "Per treatment arm: 1 wins, -1 loses, -2 guardrail breach, "
+                              "0 otherwise.")
+
+    def export(self, experiment_id: str, stats: Mapping, decisions: Iterable = ()) -> None:
+        """stats: arm -> ops.attribution.ArmStats; decisions: ops.experiments.Decision per treatment."""
+        for arm, s in stats.items():
+            labels = (experiment_id, arm)
+            self.exposures.labels(*labels).set(s.exposures)
+            self.clicked.labels(*labels).set(s.clicked)
+            self.clicks.labels(*labels).set(s.clicks)
+            self.ctr.labels(*labels).set(s.ctr)
+            self.ndcg.labels(*labels).set(s.ndcg)
+            p99 = s.latency(0.99)
+            self.p99.labels(*labels).set(math.nan if p99 is None else p99 / 1000.0)
+        code = {"treatment_wins": 1, "control_wins": -1, "guardrail_breach": -2}
+        for d in decisions:
+            self.decision.labels(experiment_id, d.arm).set(code.get(d.verdict, 0))
