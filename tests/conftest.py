@@ -192,3 +192,14 @@ def read_dead_letters():
             consumer.close()
 
     return _read
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest single-threaded (idle OpenMP threads spin on a shared CPU)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,12 +1,7 @@
 """Shared by the model tests."""
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded (idle OpenMP threads spin on a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _single_thread(one_thread):
+    """Every model test runs single-threaded (tests/conftest.py: `one_thread`)."""

@@ -29,11 +29,8 @@ MC = ModelConfig(d_model=16, n_layers=1, n_heads=2, n_buckets=512, max_len=10, m
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _single_thread(one_thread):
+    """Tiny models: single-threaded (tests/conftest.py: `one_thread`)."""
 
 
 def publish(reg: Registry, seed: int):

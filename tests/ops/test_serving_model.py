@@ -34,11 +34,8 @@ VARIANTS = {
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _single_thread(one_thread):
+    """Tiny models: single-threaded (tests/conftest.py: `one_thread`)."""
 
 
 def servable(tmp_path, mc: ModelConfig = MC, *, repeat: float = 0.0, candidates: int = 8) -> sv.Servable:

@@ -40,6 +40,7 @@ def read_topic(kafka_cfg, topic: str, timeout_s: float):
     from kafka import KafkaConsumer, TopicPartition
 
     from unirec.streaming.broker import client_kwargs
+    from unirec.streaming.experiment_feed import read_until
 
     consumer = KafkaConsumer(**client_kwargs(kafka_cfg), enable_auto_commit=False, group_id=None)
     try:
@@ -48,15 +49,8 @@ def read_topic(kafka_cfg, topic: str, timeout_s: float):
             return
         consumer.assign(parts)
         consumer.seek_to_beginning(*parts)
-        end = consumer.end_offsets(parts)
-        deadline = time.monotonic() + timeout_s
-        while any(consumer.position(tp) < end[tp] for tp in parts):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{topic}: not read to its end within {timeout_s:g} s")
-            for records in consumer.poll(timeout_ms=500).values():
-                for r in records:
-                    if r.offset < end[TopicPartition(r.topic, r.partition)]:
-                        yield r.value
+        for r in read_until(consumer, consumer.end_offsets(parts), timeout_s):
+            yield r.value
     finally:
         consumer.close()
 
