@@ -107,9 +107,9 @@ class StreamingConfig:
     in_process_below: int = 0           # batches with fewer pending records run the same steps in-process, no Beam (0: never)
     push_mode: PushMode = "process"     # Feast pushes: in a child process (own core), a thread, or inline (no overlap)
     max_staged_keys: int = 300000       # committed keys waiting for a push in flight; beyond this the driver waits
-    arrival_grace_ms: int = 500         # a batch reads records that arrived (Kafka timestamp) at least this long ago:
-                                        # a producer's records reach the broker up to linger + a round trip late,
-                                        # and a query must not miss the batch of the clicks sent after it
+    arrival_grace_ms: int = 250         # a producer's records reach the broker up to this late (linger + a round trip):
+                                        # a batch reads records stamped up to the oldest partition tail, or at least
+                                        # this long ago, so a query never misses the batch of the clicks sent after it
     work_dir: str = ".cache/unirec/pipeline"  # per-batch output files of the Beam run (deleted after each batch)
 
     def __post_init__(self) -> None:

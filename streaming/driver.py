@@ -11,7 +11,8 @@ One micro-batch (`Driver.run_batch`):
 
 1. Plan: for each (topic, partition) start at the driver's position (the state
    store's offset: never behind what is applied). Every range of the batch gets
-   the same arrival-time cut: records with a Kafka timestamp <= the cut (now, or
+   the same arrival-time cut: records with a Kafka timestamp <= the cut (the
+   latest time no record can still be in flight to, `Driver.arrival_cut`, or
    under backlog the latest time that keeps the batch within `max_batch_events`,
    found from the broker's time index). So clicks and queries advance together
    and each user's events are merged in arrival order however the stream is cut
@@ -127,7 +128,7 @@ from unirec.features.config import FeaturesConfig
 from unirec.streaming.broker import client_kwargs
 from unirec.streaming.config import KafkaConfig, StreamingConfig
 from unirec.streaming.deadletter import send_dead_letters
-from unirec.streaming.kafka_source import ReadRange, reader_config
+from unirec.streaming.kafka_source import ReadRange, reader_config, tail_timestamps
 from unirec.streaming.microbatch import BatchOutputs, BeamBatchRunner, run_in_process
 from unirec.streaming.transforms import BatchSpec
 
@@ -208,6 +209,7 @@ class Driver:
             self.online.apply()
         self.consumer = KafkaConsumer(**kw, group_id=self.cfg.group_id, enable_auto_commit=False)
         self._committer = KafkaConsumer(**kw, group_id=self.cfg.group_id, enable_auto_commit=False)
+        self._tails = KafkaConsumer(**reader_config(kw, self.cfg.idle_poll_ms))   # `arrival_cut`'s probe
         self.producer = KafkaProducer(**kw, acks="all", linger_ms=5)
         if self.learning is not None:
             import dataclasses
@@ -245,7 +247,7 @@ class Driver:
         return isinstance(self.online, OnlineStore)
 
     def close(self) -> None:
-        for name in ("_pushes", "experiments", "runner", "consumer", "_committer", "producer", "store"):
+        for name in ("_pushes", "experiments", "runner", "consumer", "_committer", "_tails", "producer", "store"):
             obj = getattr(self, name, None)
             if obj is not None:
                 obj.close()
@@ -296,14 +298,12 @@ class Driver:
 
     def plan(self, *, full: bool) -> list[ReadRange]:
         """Read ranges for the next batch: partitions with news (all if `full`), one time cut."""
-        # Bounded out-of-orderness: a record stamped t may reach the broker after records
-        # stamped later on another partition (producer linger, retries), so the cut lags.
-        now_ms = int(time.time() * 1000) - self.cfg.arrival_grace_ms
         tps = [TopicPartition(*tp) for tp in self.positions]
         ends = {(t.topic, t.partition): o for t, o in self.consumer.end_offsets(tps).items()}
         lags = {tp: max(0, ends.get(tp, 0) - pos) for tp, pos in self.positions.items()}
         self.last_lags = lags    # per partition, for monitoring (replaced, never mutated: safe to read)
         self._lag = sum(lags.values())
+        now_ms = self.arrival_cut(ends, lags)
         cut, expect = now_ms, ends
         if sum(lags.values()) > self.cfg.max_batch_events:
             cut = self.time_cut(ends, self.cfg.max_batch_events, now_ms)
@@ -312,6 +312,34 @@ class Driver:
         return [ReadRange(tp[0], tp[1], self.positions[tp], self.cfg.max_batch_events, self.cfg.max_batch_bytes,
                           self.cfg.max_wait_s, self.cfg.idle_poll_ms, expect.get(tp, -1), cut)
                 for tp, lag in lags.items() if lag > 0 or full]
+
+    def arrival_cut(self, ends: dict[TP, int], lags: dict[TP, int]) -> int:
+        """The latest arrival time up to which every partition is complete: a batch reads
+        records with a Kafka timestamp <= this, on every partition alike.
+
+        A record stamped t can reach the broker after records stamped later on another
+        partition (producer linger, a round trip, retries). Two bounds say when nothing
+        stamped <= t can still be in flight to partition p:
+        * t <= now - `arrival_grace_ms` (records arrive within the grace), and
+        * t <= the timestamp of p's newest record (one producer appends to a partition
+          in timestamp order: a record in flight to p is stamped later than p's tail).
+        The cut is the minimum over partitions of the larger bound. On a busy stream
+        every partition's tail is a few ms old, so the cut follows the stream closely
+        instead of lagging by the whole grace (bench/ingest.py's latency runs: the grace
+        was most of the wait). A partition with nothing unread, or whose tail does not
+        come back in time, holds the cut at now - grace. Under many producers per
+        partition the tail bound is a heuristic; in live traffic (event time ~ arrival
+        time) an event overtaken by a few ms is still merged in event-time order (late
+        only beyond `features.allowed_lateness_s`), so the features come out the same."""
+        now_ms = int(time.time() * 1000)
+        floor = now_ms - self.cfg.arrival_grace_ms
+        if self.cfg.arrival_grace_ms == 0:
+            return now_ms
+        if not lags or any(lag == 0 for lag in lags.values()):
+            return floor
+        tails = tail_timestamps(self._tails, {tp: ends[tp] for tp in lags},
+                                timeout_ms=min(100, self.cfg.arrival_grace_ms))
+        return min(min(now_ms, max(floor, tails.get(tp, floor))) for tp in lags)
 
     def _offsets_at(self, t_ms: int, ends: dict[TP, int]) -> dict[TP, int]:
         """Per partition: the offset of the first record with a Kafka timestamp > t_ms."""

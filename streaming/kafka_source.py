@@ -127,6 +127,34 @@ def read_range(consumer: KafkaConsumer, rng: ReadRange, *,
             next_offset = r.offset + 1
 
 
+def tail_timestamps(consumer: KafkaConsumer, ends: dict[tuple[str, int], int], *,
+                    timeout_ms: int = 200) -> dict[tuple[str, int], int]:
+    """The Kafka timestamp of the newest record of each (topic, partition) with an end
+    offset > 0 (one fetch for all of them, from `end - 1`; a partition whose record
+    does not come back within `timeout_ms` is left out). Records that arrived after
+    `ends` was read only make a tail newer. The driver's arrival-time cut uses these
+    (see streaming/driver.py, `Driver.plan`)."""
+    tps = {TopicPartition(*tp): end for tp, end in ends.items() if end > 0}
+    if not tps:
+        return {}
+    consumer.assign(list(tps))
+    for tp, end in tps.items():
+        consumer.seek(tp, end - 1)
+    out: dict[tuple[str, int], int] = {}
+    deadline = time.monotonic() + timeout_ms / 1000.0
+    while len(out) < len(tps):
+        left_ms = int((deadline - time.monotonic()) * 1000)
+        if left_ms <= 0:
+            break
+        for tp, records in consumer.poll(timeout_ms=left_ms, max_records=4096).items():
+            if records:
+                key = (tp.topic, tp.partition)
+                out[key] = max(out.get(key, -1), max(r.timestamp for r in records))
+                consumer.pause(tp)        # one answer per partition is enough
+    consumer.resume(*consumer.paused())
+    return out
+
+
 class ConsumerPool:
     """Idle reader consumers per client configuration, shared by one process."""
 

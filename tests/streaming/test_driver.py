@@ -13,7 +13,7 @@ from unirec.features.state import StateStore
 from unirec.streaming.broker import client_kwargs
 from unirec.streaming.config import StreamingConfig
 from unirec.streaming.driver import Driver
-from unirec.streaming.kafka_source import POOL, ReadRange, read_range, reader_config
+from unirec.streaming.kafka_source import POOL, ReadRange, read_range, reader_config, tail_timestamps
 from unirec.streaming.microbatch import run_beam, run_in_process
 from unirec.streaming.replay import replay
 from unirec.streaming.synthetic import compare, expected, source_stream
@@ -168,6 +168,53 @@ def test_batches_stay_within_budget_and_cover_the_same_arrival_time(kafka_cfg, f
     assert sum(r.records for r in reports) == len(lines)
     assert len(reports) >= 6 and max(r.records for r in reports) <= 500 * 1.2  # ~1 ms of slack
     assert all(len({r.until_ms for r in p}) <= 1 for p in plans)
+
+
+def send_stamped(kafka_cfg, stamps: dict) -> None:
+    """Records with the given Kafka timestamps: {(topic, partition): [ts_ms, ...]}."""
+    p = KafkaProducer(**client_kwargs(kafka_cfg))
+    for (topic, partition), ts in stamps.items():
+        for t in ts:
+            p.send(topic, value=b"{}", partition=partition, timestamp_ms=t)
+    p.flush()
+    p.close()
+
+
+def test_tail_timestamps_are_the_newest_record_of_each_partition(kafka_cfg):
+    now = int(time.time() * 1000)
+    clicks = kafka_cfg.topics.clicks
+    # partition 2 gets its records out of timestamp order: the tail is the last record, not the max
+    send_stamped(kafka_cfg, {(clicks, 0): [now - 9000, now - 8000], (clicks, 1): [now - 7000],
+                             (clicks, 2): [now - 1000, now - 6000]})
+    ends = end_offsets(kafka_cfg)
+    c = KafkaConsumer(**reader_config(client_kwargs(kafka_cfg), 20))
+    try:
+        tails = tail_timestamps(c, ends)
+    finally:
+        c.close()
+    # the queries topic is empty: no tail; every clicks partition: its last record's stamp
+    assert tails == {(clicks, 0): now - 8000, (clicks, 1): now - 7000, (clicks, 2): now - 6000}
+
+
+def test_the_batch_cut_follows_the_oldest_partition_tail_unless_a_partition_is_quiet(
+        kafka_cfg, features_cfg, streaming_cfg):
+    """Every partition has unread records: nothing stamped before its newest record can still
+    be in flight to it, so the cut is the oldest tail, far newer than now - grace. A partition
+    with nothing unread may have a record in flight: the cut falls back to now - grace."""
+    cfg = dataclasses.replace(streaming_cfg, arrival_grace_ms=60_000)
+    with Driver(kafka_cfg, cfg, features_cfg, online=_NullOnline()) as d:
+        now = int(time.time() * 1000)
+        stamps = {tp: [now - 5000 + 100 * i, now - 4000 + 100 * i] for i, tp in enumerate(sorted(d.positions))}
+        send_stamped(kafka_cfg, stamps)
+        ends = end_offsets(kafka_cfg)
+        lags = {tp: ends[tp] - pos for tp, pos in d.positions.items()}
+        assert all(lag == 2 for lag in lags.values())
+        assert d.arrival_cut(ends, lags) == now - 4000          # the oldest tail
+        quiet = {**lags, sorted(lags)[-1]: 0}
+        before = int(time.time() * 1000)
+        assert before - 60_000 <= d.arrival_cut(ends, quiet) <= int(time.time() * 1000) - 60_000
+        ranges = d.plan(full=False)
+        assert {r.until_ms for r in ranges} == {now - 4000}    # the plan reads every partition up to that cut
 
 
 class _NullOnline:
