@@ -14,18 +14,22 @@ those recorded batches - forward, backward, AdamW, nothing else.
 
 What the ratios compare (sequences/s = the stage's new training windows / wall
 seconds; replayed windows ride along in the same steps in both):
-* `ratio` = bare / stage with test-then-train on (the pipeline's default): the stage
-  also runs a no-grad forward over every new window and ranks each new event against
-  the whole catalogue before training, work the bare loop does not do at all (about a
-  quarter of a training step per window), so this ratio cannot reach 1.
+* `ratio` = bare / stage with test-then-train on (the pipeline's default): every new
+  window is scored off the forward of the step that trains on it (model/online.py:
+  detached, before that step's update), so on top of the bare loop's work the stage
+  only ranks each new event against the whole catalogue (repeat logit and lexical
+  channel included) and reads the ranking probabilities - no second forward.
 * `ratio_train_only` = bare / stage with `online.evaluate: false`: the stage's own
   overhead around the same optimiser steps (conversion, table, Beam).
 Not timed: the process's one-time costs (Beam's runner imports, torch's first calls;
-`warm_up`) and the input's delivery (the batches reach the stage from memory through
-a Shared handle, as the learner does; see `Batches`). `seconds` splits each stage run
-into `steps` (inside `Trainer.step`), `learner` (inside `OnlineLearner.process`) and
-`stage` (the whole Beam run). On a shared machine one run's seconds vary by +-30%: the
-three are run back to back `--repeats` times and each figure is the median.
+`warm_up`; the catalogue's text pieces, hashed when it is read, as
+`streaming.finetune.pieces_lookup` does at setup) and the input's delivery (the
+batches reach the stage from memory through a Shared handle, as the learner does;
+see `Batches`). `seconds` splits each stage run into `steps` (inside `Trainer.step`,
+scoring included), `scoring` (the test-then-train ranking inside those steps),
+`learner` (inside `OnlineLearner.process`) and `stage` (the whole Beam run). On a
+shared machine one run's seconds vary by +-30%: the three are run back to back
+`--repeats` times and each figure is the median.
 `ratio_cpu` / `ratio_train_only_cpu`: the same ratios in process CPU seconds (less
 sensitive to other processes; all threads of the process count, Beam's included).
 `step_share` / `step_share_train_only` = the share of a stage run's wall time spent
@@ -92,7 +96,7 @@ def warm_up(cfg, batch: list, pieces) -> None:
 def run_stage(cfg, batches, pieces, evaluate: bool) -> tuple[dict, OnlineLearner, list]:
     oc = cfg.online.__class__(**{**cfg.online.__dict__, "evaluate": evaluate})
     learner = OnlineLearner.fresh(cfg.model, cfg.train, oc, pieces_of=pieces)
-    recorded, secs = [], {"steps": 0.0, "learner": 0.0}
+    recorded, secs = [], {"steps": 0.0, "learner": 0.0, "scoring": 0.0}
     step, process = learner.trainer.step, learner.process
 
     def timed(fn, key):
@@ -103,7 +107,11 @@ def run_stage(cfg, batches, pieces, evaluate: bool) -> tuple[dict, OnlineLearner
             return out
         return call
 
-    learner.trainer.step = timed(lambda b: (recorded.append(b), step(b))[1], "steps")
+    def recorded_step(b, inspect=None):          # test-then-train scoring rides on the step's forward
+        recorded.append(b)
+        return step(b, inspect=inspect and timed(inspect, "scoring"))
+
+    learner.trainer.step = timed(recorded_step, "steps")
     learner.process = timed(process, "learner")
     handle, data = Shared(), Batches(batches)
     handle.acquire(lambda: data)

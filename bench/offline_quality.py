@@ -16,8 +16,8 @@ RecBole does for it; `popularity_unmasked` is the like-for-like row),
 (same code without feedback labels, ranking, queries, enhancer, weighter:
 SASRec-like), `unified`, and the ablations `unified_no_enhancer`,
 `unified_no_weighter` (fixed weights 1/1), `unified_no_time` (no time bands:
-plain RoPE), `unified_no_query` (no query tokens; it answers a search with
-its recommendation state), `unified_no_repeat` (no learned repeat logit).
+plain RoPE), `unified_no_query` (no queries in its input, no search task; it
+answers a search with its recommendation state), `unified_no_repeat` (no learned repeat logit).
 
 The repeat logit (`ModelConfig.repeat_bias`, on in every other neural variant,
 `retrieval_only` included) is part of the model, not of the protocol: one

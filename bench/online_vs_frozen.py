@@ -16,7 +16,9 @@ ML-100k (`events.jsonl`, time order) is cut at 70% of its event-time span.
 2. **The last 30%** is streamed in micro-batches of `--batch-events` clicks, in time
    order, exactly as the pipeline's FineTune stage sees them (each changed user's
    recent sequence with the batch's events as the new tail, `model.online.Example`).
-   Both arms score each batch before anything trains on it (test-then-train):
+   Both arms score each batch before anything trains on it (test-then-train, in a pass
+   of its own: `process(fuse=False)`; the pipeline scores off its training steps, see
+   model/online.py, which lets later steps of a batch score with the earlier ones' updates):
    `frozen` never updates (new items still get rows and their text, so it can rank
    them); `online` then trains on the batch (`OnlineLearner.process` with
    pipeline.yaml's `online:` and `train:` settings: learning-rate schedule, replay
@@ -71,8 +73,9 @@ def load_stream(cfg):
     events = load_events(data / "events.jsonl")
     items = load_items(data / "items.jsonl")
     mc = cfg.model
-    pieces = lambda i: hash_pieces(item_text(items[i]), mc.n_buckets, ngram=mc.ngram,
-                                   max_pieces=mc.max_item_pieces) if i in items else []
+    by_id = {i: hash_pieces(item_text(it), mc.n_buckets, ngram=mc.ngram, max_pieces=mc.max_item_pieces)
+             for i, it in items.items()}                 # hashed once, as streaming.finetune.pieces_lookup does
+    pieces = lambda i: by_id.get(i, [])
     qtext = {e["query_id"]: e["text"] for e in events if e["schema"].startswith("query")}
     return [e for e in events if e["schema"].startswith("click")], qtext, pieces
 
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         ex = examples_for(tail[s:s + args.batch_events], seqs, qtext, keep)
         for name, learner, train in (("frozen", frozen, False), ("online", online, True)):
             t = time.perf_counter()
-            learner.process(ex, train=train)
+            learner.process(ex, train=train, fuse=False)   # both arms: the batch scored before any step
             secs[name] += time.perf_counter() - t
             sums[name].merge(learner.since["eval"])
             learner.published()                    # per-batch sums, merged above

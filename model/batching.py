@@ -1,32 +1,42 @@
 """User histories -> padded token tensors (the UniGRF sequence, one token per event).
 
-A user's events become tokens  [q?] i  [q?] i ...:
+A user's events become tokens  i i i ...  (one per event):
 
-* `q` query token (type 2): only before a search click; carries the hashed pieces
-  of the query text;
-* `i` item token (type 0): the item, the surface it was clicked on, and the
-  feedback label (rating >= 4) of the *previous* event (`prev_label`, -1 = none
-  in the window). The label of event t rides on the tokens of event t+1, so the
-  ranker at i_t, which must not see its own label, sees every earlier one.
+* `i` item token (type 0): the item, the surface it was clicked on, the hashed
+  pieces of the query that led to it (search clicks only: `query`, context for
+  every later event), and the feedback label (rating >= 4) of the *previous*
+  event (`prev_label`, -1 = none in the window). The label of event t rides on
+  the tokens of event t+1, so the ranker at i_t, which must not see its own
+  label, sees every earlier one.
+
+Queries are not tokens of their own (late fusion, see `model.py`): the search
+state for a click is computed from the state *before* the click (the output of
+the previous event's token) fused with the query's encoding, and the query
+reaches later events through the click's own token. The first layout put a
+query token `q` before each search click, whose output was the search state;
+with ~30% of ML-100k clicks being searches that was 57 instead of 46 tokens
+per training window, and it made every search a second position the trunk
+had to run. Old versions trained that way are refused with a clear error
+(`snapshot.py`). Type 2 (QUERY) is kept only so that embedding tables of
+older versions keep their shape.
 
 Why not a separate feedback token `b` after each item (the first layout, still
 available as `feedback_tokens=True`, and what versions saved before this
 option are read with): it carried no information the next event's tokens
-cannot carry, and it nearly doubled the sequence (ML-100k training batches:
-108 vs 61 tokens per row, 47 for retrieval-only), so a unified step cost ~2.1x
-a retrieval-only step instead of ~1.6x, and at the offline bench's equal time
+cannot carry, and it nearly doubled the sequence (108 vs 61 tokens per
+window in the query-token layout), so at the offline bench's equal time
 budget the unified model trained on far fewer windows. What is lost: the rec
 state at an event's item token has not seen that event's own label (it sees
 all earlier ones); the ranker never could.
 
-Targets ride on the tokens that predict them (all causal, one pass):
-`rec_target` at i_t = item of event t+1 (next-item retrieval; at b_t with
-feedback tokens), `search_target` at q_t = the item clicked for that query,
+Targets ride on the tokens (all causal, one pass): `rec_target` at i_t = item
+of event t+1 (next-item retrieval; at b_t with feedback tokens);
+`search_target` at i_t = the item of a search click t (its own item: the
+search state is read off the token *before* it, `model.search_vectors`);
 `rank_label` at i_t = label of event t (the ranker sees the candidate as the
 token itself). `label` holds each token's own event label (embedded only on
-feedback tokens; candidates read their `prev_label` from it). Tokens of one
-event share its timestamp; `index` is the token index inside the window (the
-rotary index band).
+feedback tokens; candidates read their `prev_label` from it). `index` is the
+token index inside the window (the rotary index band), `ts` the event's time.
 
 Windows: a history longer than `max_len` events is cut into windows of
 `max_len` events ending at n, n - stride, ... (stride = max_len // 2). Each
@@ -106,8 +116,7 @@ def windows(n: int, max_len: int, stride: int | None = None) -> list[tuple[int, 
         end -= stride
 
 
-def _tokens(h: History, loss_from: int, use_queries: bool, use_feedback: bool,
-            final_query: list | None = None, final_ts: int | None = None, *,
+def _tokens(h: History, loss_from: int, use_queries: bool, use_feedback: bool, *,
             feedback_tokens: bool = False) -> dict[str, list]:
     """Token lists for one window (events of h, targets from event `loss_from` on)."""
     t = {k: [] for k in ("type", "item", "label", "prev_label", "surface", "ts", "query", "rec_target",
@@ -118,9 +127,9 @@ def _tokens(h: History, loss_from: int, use_queries: bool, use_feedback: bool,
         t["type"].append(kind)
         t["item"].append(item)
         t["label"].append(label)
-        t["prev_label"].append(int(h.labels[j - 1]) if prev_labels and 0 < j <= len(h) else -1)
-        t["surface"].append(int(h.surfaces[j]) if j < len(h) else REC)
-        t["ts"].append(int(h.ts[j]) if j < len(h) else int(h.ts[-1]) if len(h) else 0)
+        t["prev_label"].append(int(h.labels[j - 1]) if prev_labels and j > 0 else -1)
+        t["surface"].append(int(h.surfaces[j]))
+        t["ts"].append(int(h.ts[j]))
         t["query"].append(query or [])
         t["rec_target"].append(0)
         t["search_target"].append(0)
@@ -130,24 +139,17 @@ def _tokens(h: History, loss_from: int, use_queries: bool, use_feedback: bool,
     last_state = -1   # token whose output is the user state after the previous event
     for j in range(len(h)):
         train = j >= loss_from
-        if use_queries and h.queries[j] is not None:
-            add(QUERY, j, 0, label=int(h.labels[j]), query=h.queries[j])
-            t["surface"][-1] = SEARCH
-            if train:
-                t["search_target"][-1] = int(h.items[j])
+        query = h.queries[j] if use_queries else None
         if train and last_state >= 0:
             t["rec_target"][last_state] = int(h.items[j])
-        add(ITEM, j, int(h.items[j]), label=int(h.labels[j]))
+        add(ITEM, j, int(h.items[j]), label=int(h.labels[j]), query=query)
         if train:
             t["rank_label"][-1] = int(h.labels[j])
+            if query is not None:
+                t["search_target"][-1] = int(h.items[j])
         if use_feedback and feedback_tokens:
             add(FEEDBACK, j, int(h.items[j]), label=int(h.labels[j]))
         last_state = len(t["type"]) - 1
-    if final_query is not None:
-        add(QUERY, len(h), 0, query=final_query)
-        t["surface"][-1] = SEARCH
-        if final_ts is not None:
-            t["ts"][-1] = int(final_ts)
     return t
 
 
@@ -217,18 +219,22 @@ def window_batches(token_lists: list[dict[str, list]], batch_size: int, *, rng: 
 
 
 def context_batch(histories: list[History], max_len: int, *, use_queries: bool = True,
-                  use_feedback: bool = True, queries: list | None = None,
-                  query_ts: list | None = None, feedback_tokens: bool = False) -> dict[str, torch.Tensor]:
-    """Inference batch: the last `max_len` events of each history, no targets.
-
-    With `queries`, a query token (pieces list) is appended per user at the end
-    (timestamp `query_ts[b]`, default the last event's), whose output is the search state.
-    """
+                  use_feedback: bool = True, feedback_tokens: bool = False) -> dict[str, torch.Tensor]:
+    """Inference batch: the last `max_len` events of each history, no targets. The state
+    after each history is the output at token `length - 1` (a search fuses it with the
+    query: `model.search_vectors_from`)."""
     lists = []
-    for b, h in enumerate(histories):
+    for h in histories:
         tail = h.slice(max(0, len(h) - max_len), len(h))
-        t = _tokens(tail, len(tail), use_queries, use_feedback,
-                    final_query=None if queries is None else (queries[b] or [0]),
-                    final_ts=None if query_ts is None else query_ts[b], feedback_tokens=feedback_tokens)
-        lists.append(t)
+        lists.append(_tokens(tail, len(tail), use_queries, use_feedback, feedback_tokens=feedback_tokens))
     return collate(lists)
+
+
+def query_tensor(queries: list) -> torch.Tensor:
+    """(B, Lq) right-padded query pieces (>= 1 column; an empty query is all padding)."""
+    width = max([1] + [len(q or []) for q in queries])
+    out = torch.zeros(len(queries), width, dtype=torch.int64)
+    for b, q in enumerate(queries):
+        if q:
+            out[b, : len(q)] = torch.as_tensor(q, dtype=torch.int64)
+    return out

@@ -24,7 +24,8 @@ class ModelConfig:
     max_item_pieces: int = 48           # pieces kept per item text
     max_query_pieces: int = 32          # pieces kept per query
     use_item_text: bool = True          # add the item-text embedding to the item-ID embedding
-    use_queries: bool = True            # query tokens before search clicks (off: no search task)
+    use_queries: bool = True            # queries on search clicks' tokens + the search task (late fusion:
+                                        # model.py); off: no query input, search answered by the rec state
     use_feedback: bool = True           # feedback labels in the sequence + the ranking task (off: SASRec-like)
     feedback_tokens: bool = False       # True: each label as its own token after its item (2x the tokens);
                                         # False: it rides on the next event's tokens (see batching.py)
@@ -122,7 +123,7 @@ class OnlineConfig:
     expire_after_s: float = 15552000.0  # items unseen for this much event time lose their row (180 days; 0 = never)
     catalogue: str = ".cache/unirec/ml-100k/items.jsonl"  # titles/genres of items (text of new items'
                                         # rows; `unirec data prepare` writes it; "" or missing = ids only)
-    evaluate: bool = True               # test-then-train: score each micro-batch before training on it
+    evaluate: bool = True               # test-then-train: score each new event before training on it (off the training pass; model/online.py)
     eval_k: int = 10                    # cut-off of the test-then-train HR / NDCG / Recall
 
     def __post_init__(self) -> None:

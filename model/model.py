@@ -2,18 +2,43 @@
 
 Attention with time-aware rotary positions -> pre-LN block -> the recommender.
 
-Tokens (see `batching.py` for the sequence  [q?] i [q?] i ...):
+Tokens (see `batching.py` for the sequence  i i i ..., one per event):
   item token      = item_vec(i) + surface(rec|search) + type(item) + label(prev event)
-  query token     = mean(piece_emb(query pieces)) + surface(search) + type(query) + label(prev event)
+                    (+ q(query) on a search click: the query as context for later events)
   (with `feedback_tokens`: no label on those, and after each item token a
   feedback token = item_vec(i) + label(neg|pos) + type(feedback))
   item_vec(i)     = item_id_emb(i) + mean(piece_emb(title/genre pieces of i))
+  q(query)        = mean(piece_emb(query pieces))
 The word-piece table is shared by item texts and queries, so a query and the
 title it was typed for meet in the same buckets.
 
+Search by late fusion. The search state for a query typed after events
+0..t-1 is  s = f(h_{t-1}, q) = LN(h_{t-1} + MLP([h_{t-1}; q]))  with h_{t-1} the
+trunk's output at the previous event's token (the recommendation state, which
+has seen only earlier events) and q the query's mean piece vector; a search
+at the start of a history uses a learned start state instead of h_{t-1}. The
+query never enters the trunk as a token of its own: a search costs one small
+MLP on top of a state the trunk computes anyway, and the query reaches later
+events through the click's own token (riding on the next token instead, as
+labels do, changed nothing measurable: NDCG@10 0.108, AUC 0.794). The
+search loss does not flow back into h_{t-1}: the search task reads the
+recommendation state and trains the fusion, the start state, the tables and
+the lexical weight. With that gradient the search loss (on ~25% of positions)
+pulled the shared state toward query-conditional features: at the 100 s budget
+test NDCG@10 0.093 vs 0.110 detached (retrieval-only: 0.101 in the same
+session), search Recall@10 0.783 vs 0.779 (idle machine, one seed each). The first design put a query token before
+each search click (its output was the search state: early fusion through both
+layers); that made 57 instead of 46 tokens per ML-100k window, and a unified
+step cost ~1.7x a retrieval-only step (CPU time; 1.57x now, breakdown in
+`trainer.py`), so at the bench's equal time budget the unified model trained on
+~35% fewer windows and lost NDCG@10 to the retrieval-only model (0.100 vs
+0.106, while at equal steps the two are within noise). Late fusion costs
+little search quality: search Recall@10 0.78-0.79 at 1,000 steps vs 0.80 with
+query tokens (one seed each; text match alone: 0.71).
+
 Heads, all read off the one causal pass:
-  retrieval  u_t = W h_t at item tokens (next item, recommendation) and at
-             query tokens (the clicked item, search); score(u, i) = <u, item_vec(i)>
+  retrieval  u_t = W h_t at item tokens (next item, recommendation) and
+             W f(h_{t-1}, q) for a search (the clicked item); score(u, i) = <u, item_vec(i)>
              / temperature, cosine when `normalize` (the item table is tied with
              the input tokens), plus (`repeat_bias`) one learned logit r / temperature
              on every item already in the context window: whether users come back
@@ -45,7 +70,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from unirec.model import positions
-from unirec.model.batching import FEEDBACK, ITEM, PAD, QUERY, History, context_batch
+from unirec.model.batching import FEEDBACK, ITEM, PAD, History, context_batch, query_tensor
 from unirec.model.config import ModelConfig
 from unirec.model.vocab import Vocab
 
@@ -182,6 +207,10 @@ class UnifiedRecommender(nn.Module):
         self.retrieval_proj = nn.Linear(d, d)
         self.rank_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
         self.repeat_logit = nn.Parameter(torch.tensor(0.0), requires_grad=cfg.repeat_bias)
+        if cfg.use_queries:   # late fusion of the state before a search with its query (module doc)
+            self.query_fuse = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, d))
+            self.query_ln = nn.LayerNorm(d)                   # keeps s on the scale of the trunk's output
+            self.start_state = nn.Parameter(torch.zeros(d))   # the "state" of an empty history
         self.lex_scale = nn.Parameter(torch.tensor(cfg.lexical_init if cfg.use_lexical else 0.0),
                                       requires_grad=cfg.use_lexical)
         idf, lex = lexical_index(vocab.pieces, cfg.n_buckets)
@@ -258,9 +287,9 @@ class UnifiedRecommender(nn.Module):
         if self.cfg.use_feedback and not self.cfg.feedback_tokens:   # previous event's label on this token
             prev = batch["prev_label"]
             x = x + self.label_emb(prev.clamp(min=0)) * (prev >= 0).unsqueeze(-1)
-        is_q = kind == QUERY
-        if is_q.any():   # only query positions pay for the piece lookup
-            x = x.index_put((is_q,), x[is_q] + self._mean_pieces(batch["query"][is_q]))
+        has_q = batch["query"][..., 0] > 0                                      # search clicks' tokens
+        if self.cfg.use_queries and has_q.any():   # only they pay for the piece lookup
+            x = x.index_put((has_q,), x[has_q] + self._mean_pieces(batch["query"][has_q]))
         return x
 
     # ---- trunk --------------------------------------------------------------------------
@@ -317,6 +346,21 @@ class UnifiedRecommender(nn.Module):
         items = self.item_embeddings() if items is None else items
         return u @ items.T / self.cfg.temperature + self.item_bias()
 
+    def search_vectors_from(self, prev, has_prev, pieces):
+        """(N, d) search query vectors: the state before each search `prev` (N, d) (the
+        learned start state where `has_prev` (N,) is False) fused with the query pieces (N, Lq)."""
+        prev = torch.where(has_prev[:, None], prev.detach(), self.start_state)   # search reads the rec state
+        q = self._mean_pieces(pieces)                                           # (N, d)
+        return self.user_vectors(self.query_ln(prev + self.query_fuse(torch.cat([prev, q], -1))))
+
+    def search_vectors(self, h, batch, flat):
+        """(S, d) search query vectors for the search clicks at flat positions `flat` (b * T + t,
+        where `search_target` > 0): the state at the token before each click (the previous
+        event's), fused with the query pieces on the click's token. Never reads the click's token."""
+        B, T, d = h.shape
+        before = h.reshape(B * T, d)[(flat - 1).clamp(min=0)]
+        return self.search_vectors_from(before, flat % T > 0, batch["query"].reshape(B * T, -1)[flat])
+
     def repeat_scores(self, batch, flat: torch.Tensor) -> torch.Tensor:
         """(R, N_rows) repeat logit on the items the state at flat positions `flat` (b * T + t)
         has seen: the item tokens 0..t of its row (its context window)."""
@@ -344,23 +388,26 @@ class UnifiedRecommender(nn.Module):
         return self.rank_head(h).squeeze(-1)
 
     # ---- public calls ---------------------------------------------------------------------
-    def _context(self, histories, queries=None, query_ts=None):
+    def _context(self, histories):
         return context_batch(histories, self.cfg.max_len, use_queries=self.cfg.use_queries,
-                             use_feedback=self.cfg.use_feedback, queries=queries, query_ts=query_ts,
-                             feedback_tokens=self.cfg.feedback_tokens)
+                             use_feedback=self.cfg.use_feedback, feedback_tokens=self.cfg.feedback_tokens)
 
     @torch.no_grad()
     def user_state(self, histories: list[History], queries=None, query_ts=None) -> torch.Tensor:
-        """(B, d) retrieval query vectors: the state after each history (after the query, if given).
+        """(B, d) retrieval query vectors: the state after each history, fused with the query
+        (hashed pieces) when `queries` are given (a search; late fusion, see the module doc).
 
-        A model built without query tokens ignores `queries`: it answers a
-        search with its recommendation state."""
-        if not self.cfg.use_queries:
-            queries = None
-        batch = self._context(histories, queries, query_ts)
+        A model built without queries ignores `queries`: it answers a search
+        with its recommendation state. `query_ts` is accepted for callers of the
+        query-token layout and unused: the search state is the state after the
+        last event, whenever the query comes."""
+        batch = self._context(histories)
         h, _ = self(batch)
-        last = h[torch.arange(len(histories)), batch["length"] - 1]            # (B, d)
-        return self.user_vectors(last)
+        n = batch["length"]
+        last = h[torch.arange(len(histories)), (n - 1).clamp(min=0)]            # (B, d)
+        if queries is None or not self.cfg.use_queries:
+            return self.user_vectors(last)
+        return self.search_vectors_from(last, n > 0, query_tensor(queries))
 
     @torch.no_grad()
     def recommend_scores(self, histories: list[History]) -> torch.Tensor:
@@ -387,13 +434,9 @@ class UnifiedRecommender(nn.Module):
     @torch.no_grad()
     def search_scores(self, histories: list[History], queries: list[list[int]], query_ts=None) -> torch.Tensor:
         """(B, N_rows) search scores: dense query state + lexical channel (rec state if no queries)."""
-        s = self.retrieval_scores(self.user_state(histories, queries, query_ts))
+        s = self.retrieval_scores(self.user_state(histories, queries))
         if self.cfg.use_queries and self.cfg.use_lexical:
-            width = max(1, max(len(q) for q in queries))
-            pieces = torch.zeros(len(queries), width, dtype=torch.int64)
-            for b, q in enumerate(queries):
-                pieces[b, : len(q)] = torch.as_tensor(q, dtype=torch.int64)
-            s = s + self.lexical_scores(pieces)
+            s = s + self.lexical_scores(query_tensor(queries))
         return s
 
     @torch.no_grad()
@@ -421,5 +464,6 @@ class UnifiedRecommender(nn.Module):
         prev = torch.where(n > 0, batch["label"][rows, (n - 1).clamp(min=0)], -1)   # last event's label
         for k, v in (("type", ITEM), ("item", items), ("label", 0), ("prev_label", prev), ("surface", 0), ("ts", ts)):
             grown[k][rows, n] = v if isinstance(v, torch.Tensor) else torch.full((B,), v)
+        grown["query"][rows, n] = 0                                             # a candidate carries no query
         h, _ = self(grown)
         return h[rows, n]                                                       # (B, d)

@@ -13,17 +13,33 @@ batches), a growing `ItemTable` and a replay buffer. Design choices:
   with more new events than fit in one window gets several windows, so every new
   event is a target exactly once per pass. Only the new events and the `max_len`
   before them are converted (a pipeline example carries up to 200 events).
-* **Test-then-train (prequential) evaluation.** Before any update on a batch, the
-  current model scores that batch's windows in eval mode, one causal pass:
+* **Test-then-train (prequential) evaluation.** Every new event is scored once, by
+  a model that has never trained on it nor on a later event of its user:
   next-item HR@k / NDCG@k at each new event (full ranking over the live items,
   seen items not masked, pessimistic ties, scores as `recommend_scores` gives them:
   retrieval plus the learned repeat logit on the items of the state's context
   window - the offline protocol, so online and offline figures compare), ranking AUC of
   the ranking head on the new events' labels, and search Recall@k / NDCG@k at each
-  new search click (dense query state + lexical channel). Every new event is
-  scored once, by a model that has never trained on it. Sums and counts are kept
+  new search click (dense query state + lexical channel). Sums and counts are kept
   so that figures over any span (a batch, the time since the last publish) are
   exact means, not means of means.
+  *Scored off the training pass.* With dropout 0 (`model.dropout`, `attn_dropout`)
+  a training forward computes exactly what an eval-mode forward would, so a step's
+  new windows are scored from that step's own forward (`Trainer.step(inspect=...)`,
+  detached, before its update): test-then-train costs only the ranking ops, not a
+  second forward (a separate pass was ~28% of a step; `score_states` ranks 128
+  states at a time and adds the repeat logit in place, `add_repeat_`). Each chunk of
+  new windows is therefore scored by the model after the earlier steps of the same
+  micro-batch - on other users' windows, and on older windows of the same user only:
+  a user with more new events than one window holds has several windows, and
+  `in_user_order` deals them to the steps that hold them oldest first, so a later
+  event of a user is never trained on before an earlier one is scored. Replayed
+  windows ride along unscored. A separate eval-mode pass over the batch, before the
+  first step, remains for dropout > 0, for evaluate-only calls, for `fuse=False`
+  (bench/online_vs_frozen.py keeps its batch-level protocol: every event scored by
+  the model as it was before the batch) and, under `max_steps_per_batch`, for the
+  windows the batch does not train on. tests/model/test_online.py checks the fused
+  figures against a separate pass before each step, and the no-later-event rule.
 * **Learning rate.** `train.lr` with the trainer's warm-up, then its cosine down to
   `train.min_lr_ratio * lr` over the first `online.lr_decay_steps` steps of the model's
   lineage (offline steps included: the step count travels with every snapshot), then
@@ -61,7 +77,7 @@ import numpy as np
 import torch
 
 from unirec.model import metrics
-from unirec.model.batching import History, _tokens, collate, windows
+from unirec.model.batching import ITEM, History, _tokens, collate, windows
 from unirec.model.config import ModelConfig, OnlineConfig, TrainConfig
 from unirec.model.model import UnifiedRecommender
 from unirec.model.snapshot import history_from_columns, model_from_arrays
@@ -138,7 +154,77 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
     if not torch.isfinite(t).all():
         return metrics.target_ranks(scores, targets)
     pad = scores[:, 0] >= t[:, 0]                                       # only if column 0 is not -inf
-    return ((scores >= t).sum(1) - 1 - pad.long()).numpy()              # the target itself is >= itself
+    return ((scores >= t).sum(1, dtype=torch.int32) - 1 - pad.int()).long().numpy()   # the target is >= itself
+
+
+def add_repeat_(m: UnifiedRecommender, scores: torch.Tensor, batch: dict, flat: torch.Tensor) -> torch.Tensor:
+    """`scores + m.repeat_scores(batch, flat)`, bit for bit, written into `scores` (R, N_rows):
+    the repeat logit added once to each item a state's context window holds, through an
+    (R, T) gather/scatter instead of a dense (R, N_rows) seen matrix (~13x cheaper; the
+    dense one cost as much as the scores themselves). Row 0 (padding) is left alone."""
+    B, T = batch["type"].shape
+    b, t = flat // T, flat % T
+    visible = (torch.arange(T)[None, :] <= t[:, None]) & (batch["type"][b] == ITEM)   # (R, T)
+    idx = batch["item"][b] * visible                                                # 0 = not seen
+    w = m.repeat_logit / m.cfg.temperature
+    old = scores.gather(1, idx)
+    return scores.scatter_(1, idx, torch.where(idx > 0, old + w * 1.0, old))     # duplicates write one value
+
+
+@torch.no_grad()
+def score_states(m: UnifiedRecommender, batch: dict, h: torch.Tensor, items: torch.Tensor, sums: EvalSums,
+                 n: int | None = None, block: int = 128) -> None:
+    """Add the test-then-train figures of the first `n` rows of `batch` (all if None) to `sums`,
+    from one forward's hidden states `h` (B, T, d) and item vectors `items` (N_rows, d).
+
+    Next-item scores are `recommend_scores`' (offline evaluation, serving): retrieval plus
+    the repeat logit on the items of the state's context window; search scores are
+    `search_scores`' (dense query state plus the lexical channel); ranking probabilities
+    at the item tokens that carry a label. Scores are ranked `block` states at a time:
+    each (block, N_rows) matrix is built, shifted and compared while it is in cache (~1.5x
+    faster than one (states, N_rows) pass per step, measured on 1 thread)."""
+    if n is not None and n < h.shape[0]:
+        batch, h = {k: v[:n] for k, v in batch.items()}, h[:n]
+    B, T, d = h.shape
+    hf = h.reshape(B * T, d)
+    rec = batch["rec_target"].reshape(-1)
+    rows = (rec > 0).nonzero().squeeze(1)
+    for r in rows.split(block):
+        scores = m.retrieval_scores(m.user_vectors(hf[r]), items)
+        if m.cfg.repeat_bias:
+            scores = add_repeat_(m, scores, batch, r)
+        sums.add_ranks(target_ranks(scores, rec[r]), search=False)
+    srch = batch["search_target"].reshape(-1)
+    srows = (srch > 0).nonzero().squeeze(1)
+    for r in srows.split(block):
+        u = m.search_vectors(h, batch, r)            # late fusion: the state before the click + the query
+        scores = m.retrieval_scores(u, items)
+        if m.cfg.use_lexical:
+            scores = scores + m.lexical_scores(batch["query"].reshape(B * T, -1)[r])
+        sums.add_ranks(target_ranks(scores, srch[r]), search=True)
+    if m.cfg.use_feedback:
+        mask = batch["rank_label"] >= 0
+        if mask.any():
+            sums.probs += torch.sigmoid(m.rank_logits(h[mask])).tolist()
+            sums.labels += batch["rank_label"][mask].tolist()
+
+
+def in_user_order(chunks: list[list[int]], owners: Sequence) -> list[list[int]]:
+    """`chunks` (window indices, in step order) with each owner's windows re-dealt so that
+    an older window never steps after a newer one of the same user: the owner's windows,
+    whose indices are in time order, go to the slots the owner holds, in step order.
+    A window scored off its step's forward then never meets a model that trained on a later
+    event of its user (windows in one chunk share the forward before that chunk's update)."""
+    slots: dict = {}
+    for c, chunk in enumerate(chunks):
+        for k, i in enumerate(chunk):
+            slots.setdefault(owners[i], []).append((c, k))
+    out = [list(chunk) for chunk in chunks]
+    for held in slots.values():
+        if len(held) > 1:
+            for (c, k), i in zip(held, sorted(out[c][k] for c, k in held)):
+                out[c][k] = i
+    return out
 
 
 _WEIGHTER = ("weights", "initial", "smoothed", "grad_norms")
@@ -238,7 +324,7 @@ class OnlineLearner:
         return history_from_columns(ex.item_ids, ex.labels, ex.ts, ex.surfaces, ex.queries, self.table, self.mc)
 
     def _windows(self, h: History, n_new: int) -> list[dict]:
-        """Token lists of the windows that hold the last `n_new` events as targets."""
+        """Token lists of the windows that hold the last `n_new` events as targets, oldest first."""
         n, first_new = len(h), len(h) - n_new
         out = []
         for start, end, loss_from in windows(n, self.mc.max_len):
@@ -247,7 +333,7 @@ class OnlineLearner:
             lf = max(loss_from, first_new)
             out.append(_tokens(h.slice(start, end), lf - start, self.mc.use_queries, self.mc.use_feedback,
                                feedback_tokens=self.mc.feedback_tokens))
-        return out
+        return out[::-1]
 
     def _sync_table(self) -> dict:
         """Grow the model and reset reused rows after the table changed; returns counts."""
@@ -262,8 +348,11 @@ class OnlineLearner:
 
     # ------------------------------------------------------------------ one micro-batch
     def process(self, examples: Sequence[Example], *, watermark: int | None = None,
-                evaluate: bool | None = None, train: bool = True) -> dict:
-        """Test-then-train on one micro-batch; returns the batch's figures and losses."""
+                evaluate: bool | None = None, train: bool = True, fuse: bool = True) -> dict:
+        """Test-then-train on one micro-batch; returns the batch's figures and losses.
+
+        `fuse=False` scores the whole batch in a pass of its own before the first update
+        (the batch-level protocol of bench/online_vs_frozen.py) even where fusing is valid."""
         t0 = time.perf_counter()
         examples = [e for e in examples if e.n_new > 0 and len(e.item_ids)]
         if watermark is None and examples:
@@ -280,15 +369,23 @@ class OnlineLearner:
         counts["items_expired"] = self.table.expired - expired_before
         counts["items_live"] = len(self.table)
         counts["users_new"] = users_new
-        lists = [w for h, n in hist for w in self._windows(h, n)]
+        lists, owners = [], []
+        for e, (h, n) in zip(examples, hist):
+            w = self._windows(h, n)
+            lists += w
+            owners += [e.user_id] * len(w)
         stats: dict = {"watermark": watermark, "sequences": len(lists), "events": sum(n for _, n in hist)} | counts
+        sums, fused = None, False
         if (self.cfg.evaluate if evaluate is None else evaluate) and lists:
-            sums = self.evaluate(lists)
+            # the training forward is the eval forward only without dropout (module doc)
+            fused = fuse and train and self.mc.dropout == 0 and self.mc.attn_dropout == 0
+            sums = EvalSums(k=self.cfg.eval_k) if fused else self.evaluate(lists)
+        if train and lists:
+            stats |= self.train(lists, owners, score=sums if fused else None)
+        if sums is not None:
             self.since["eval"].merge(sums)
             stats["eval"] = sums.means()
             stats["rank_probs"], stats["rank_labels"] = sums.probs, sums.labels
-        if train and lists:
-            stats |= self.train(lists)
         stats["seconds"] = time.perf_counter() - t0
         self.totals["batches"] += 1
         self.totals["events"] += stats["events"]
@@ -298,11 +395,9 @@ class OnlineLearner:
 
     @torch.no_grad()
     def evaluate(self, lists: list[dict], chunk: int = 64) -> EvalSums:
-        """Score windows with the current model before it trains on them (see module doc).
-
-        Next-item scores are `recommend_scores`' (offline evaluation, serving): retrieval
-        plus the repeat logit on the items of the state's context window; search scores are
-        `search_scores`' (dense query state plus the lexical channel)."""
+        """Score windows with the current model in a pass of their own, before it trains on
+        them (see module doc): the path for evaluate-only calls, dropout > 0 and windows a
+        capped batch does not train on."""
         m, sums = self.model, EvalSums(k=self.cfg.eval_k)
         m.eval()
         vec = m.item_vectors()                                   # (N_rows, d) once for all chunks
@@ -311,49 +406,42 @@ class OnlineLearner:
         for s in range(0, len(order), chunk):
             batch = collate([lists[i] for i in order[s:s + chunk]])
             h, _ = m(batch, item_vec=vec)
-            B, T, d = h.shape
-            hf = h.reshape(B * T, d)
-            rec = batch["rec_target"].reshape(-1)
-            rows = (rec > 0).nonzero().squeeze(1)
-            if len(rows):
-                scores = m.retrieval_scores(m.user_vectors(hf[rows]), items)
-                if m.cfg.repeat_bias:
-                    scores = scores + m.repeat_scores(batch, rows)
-                sums.add_ranks(target_ranks(scores, rec[rows]), search=False)
-            srch = batch["search_target"].reshape(-1)
-            srows = (srch > 0).nonzero().squeeze(1)
-            if len(srows):
-                scores = m.retrieval_scores(m.user_vectors(hf[srows]), items)
-                if m.cfg.use_lexical:
-                    scores = scores + m.lexical_scores(batch["query"].reshape(B * T, -1)[srows])
-                sums.add_ranks(target_ranks(scores, srch[srows]), search=True)
-            if m.cfg.use_feedback:
-                mask = batch["rank_label"] >= 0
-                if mask.any():
-                    sums.probs += torch.sigmoid(m.rank_logits(h[mask])).tolist()
-                    sums.labels += batch["rank_label"][mask].tolist()
+            score_states(m, batch, h, items, sums)
         return sums
 
-    def train(self, lists: list[dict]) -> dict:
-        """Optimiser steps over the new windows, each step topped up from the replay buffer."""
+    def train(self, lists: list[dict], owners: Sequence | None = None, score: EvalSums | None = None) -> dict:
+        """Optimiser steps over the new windows, each step topped up from the replay buffer.
+
+        With `score`, every new window is scored into it before anything trains on it: off
+        the forward of the step that first trains on it (`Trainer.step`'s `inspect`), its
+        user's older windows in the same or earlier steps (`in_user_order`, `owners` = the
+        user of each window, whose windows are in time order); windows a capped batch
+        does not train on in a pass of their own, before the first step."""
         bs = self.trainer.cfg.batch_size
         n_replay = int(round(bs * self.cfg.replay_fraction)) if self.cfg.replay_buffer else 0
         n_fresh = max(1, bs - n_replay)
         order = sorted(range(len(lists)), key=lambda i: len(lists[i]["type"]))  # similar lengths together
-        chunks = []
-        for _ in range(self.cfg.passes):
+        chunks: list[list[int]] = []
+        for p in range(self.cfg.passes):
             shuffled = [order[i:i + n_fresh] for i in range(0, len(order), n_fresh)]
             self.rng.shuffle(shuffled)
-            chunks += shuffled
+            chunks += in_user_order(shuffled, owners) if p == 0 and owners is not None else shuffled
+        first_pass = len(chunks) // self.cfg.passes      # the first pass's chunks come first: only those are untrained
         cap = self.cfg.max_steps_per_batch
+        if score is not None and cap and cap < first_pass:
+            score.merge(self.evaluate([lists[i] for chunk in chunks[cap:first_pass] for i in chunk]))
         logs, deferred = [], 0
         for c, chunk in enumerate(chunks):
-            if cap and c >= cap:      # the first pass's chunks come first: only those are untrained
-                deferred += len(chunk) if c < len(chunks) // self.cfg.passes else 0
+            if cap and c >= cap:
+                deferred += len(chunk) if c < first_pass else 0
                 continue
             fresh = [lists[i] for i in chunk]
             replay = self.rng.sample(list(self.buffer), min(n_replay, len(self.buffer))) if n_replay else []
-            logs.append(self.trainer.step(collate(fresh + replay)))
+            batch = collate(fresh + replay)
+            inspect = None
+            if score is not None and c < first_pass:
+                inspect = lambda h, items, b=batch, n=len(fresh): score_states(self.model, b, h, items, score, n)
+            logs.append(self.trainer.step(batch, inspect=inspect))
         if self.cfg.replay_buffer:
             self.buffer.extend(lists)
         self.totals["steps"] += len(logs)

@@ -18,6 +18,13 @@ except for exactly these, each logged when it happens:
 * `feedback_tokens` missing from the manifest's model config (saved before the
   one-token-per-event layout): such a version was trained with a feedback
   token after each item, so it is read with `feedback_tokens=True`.
+
+Refused with a clear error: a version with queries but without the late-fusion
+weights (`query_fuse.*`, `start_state`) was trained with a query token before
+each search click (the layout before late fusion, see `model/batching.py`);
+its search state came out of a token this code no longer builds, so there is
+nothing faithful to serve or resume - retrain it (`unirec train --offline`).
+Versions built without queries (`use_queries: false`) load as before.
 """
 from __future__ import annotations
 
@@ -55,6 +62,10 @@ def model_config_from(d: dict) -> ModelConfig:
 def load_weights(model: UnifiedRecommender, weights: dict) -> None:
     """Strict `load_state_dict`, except that a weight in OPTIONAL_WEIGHTS may be missing
     (it keeps the value the model was built with, and a log line says so)."""
+    if model.cfg.use_queries and "query_fuse.0.weight" not in weights:
+        raise ValueError("this version was trained with query tokens in the sequence (the layout before "
+                         "late fusion of queries) and has no query_fuse weights; this code cannot read its "
+                         "search state: retrain it (`unirec train --offline`)")
     missing = [k for k in OPTIONAL_WEIGHTS if k not in weights]
     if missing:
         log.info("version has no %s (saved before it existed): initialised as a new model's",

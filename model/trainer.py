@@ -8,7 +8,7 @@ and online incremental fine-tuning (`step` on micro-batches from the stream).
 
 One step = one causal pass of the model over the batch, then
   retrieval = InfoNCE(rec states at item tokens -> next item)
-            + search_weight * InfoNCE(query states (+ lexical channel) -> clicked item)
+            + search_weight * InfoNCE(search states (+ lexical channel) -> clicked item)
             (+ enhancer hard negatives / soft positives on a sample of rec rows)
   ranking   = alpha * BCE + (1 - alpha) * BPR at item tokens
   loss      = w_ret * retrieval + w_rank * ranking   (weights from the weighter)
@@ -25,17 +25,31 @@ or max_steps) it then follows a cosine to `min_lr_ratio * lr` over the budget
 worth more than a constant rate: test NDCG@10 0.053 -> 0.062 at 1,200 steps,
 retrieval_only, one seed);
 embedding tables learn `emb_lr_mult` times faster (each item row is a target a
-few dozen times per epoch). Where a unified step's time goes and what was
-cut (1 thread, idle 2-core VM, ~84 ms per step with feedback tokens): each
-label rides on the next event's tokens instead of a token of its own
-(`batching.py`: 61 instead of 108 tokens per window, ~1.6x instead of ~2.1x
-the cost of a retrieval-only step), the item-text mean is one
-sparse matmul (was a gathered (N, P, d) tensor: ~5x less forward +
-backward), the optimiser is fused AdamW, the lexical cosines are a CSR
-product without a graph, the item vectors are computed once per step, the
-windows are tokenised once per `fit`, the enhancer mines every
-`enhancer.every` steps and the weighter measures gradients every
-`weighter.every` steps.
+few dozen times per epoch).
+
+Where a unified step's time goes (process CPU time, 1 thread, ML-100k batch of
+16 windows: ~450 rec rows, ~120 search rows, ~47 tokens; measured on the shared
+2-core VM, so absolute values are ~1.3x an idle machine's, ratios hold):
+retrieval-only step ~35 ms = trunk forward + backward ~21, next-item softmax
+over all items + repeat logit ~12, optimiser ~2. A unified step ~56 ms
+(1.57x; 66 ms and 1.70x with a query token per search click, measured in the
+same way): + the search task ~12 (lexical cosines ~4, late-fusion MLP and
+query lookup ~3, softmax rows ~2.5, query pieces on the click tokens ~1.2),
++ enhancer ~3 (its candidate pass costs ~25 ms, run every
+`enhancer.every` = 8 steps), + ranking head / hybrid loss ~3, + weighter
+(two partial backwards every `weighter.every` = 50 steps) < 1.
+What was cut: queries ride on their click's token and the search state is a
+late fusion (`model.py`: 46 instead of 57 tokens per window, and no search
+position through the trunk); each label rides on the next event's token
+(`batching.py`: instead of 108 tokens per window with feedback tokens); the
+item-text mean is one sparse matmul (was a gathered (N, P, d) tensor: ~5x
+less forward + backward); the optimiser is fused AdamW; the lexical cosines
+are a CSR product without a graph; the item vectors are computed once per
+step; the windows are tokenised once per `fit`; the enhancer and the
+weighter run every few steps. Tried and dropped: training only a sample of
+48 search clicks per step (1.43x instead of 1.57x, but at the step count
+that buys, test NDCG@10 0.097 vs 0.100 and search Recall@10 0.764 vs 0.781,
+one seed each).
 """
 from __future__ import annotations
 
@@ -112,14 +126,19 @@ class Trainer:
                                neg_log_q=neg_log_q, hard=hard, hard_ids=hard_ids,
                                hard_log_w=math.log(self.cfg.enhancer.hard_weight), weight=weight)
 
-    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Per-task losses (with graphs) for one batch."""
+    def losses(self, batch: dict, inspect: Callable | None = None) -> dict[str, torch.Tensor]:
+        """Per-task losses (with graphs) for one batch. `inspect(h, items)`, if given, sees
+        this forward's hidden states and item vectors (detached, no grad) before any update:
+        online test-then-train scores fresh windows off the training pass (model/online.py)."""
         m = self.model
         vec = m.item_vectors()                                                   # once per step
         h, _ = m(batch, item_vec=vec)                                            # (B, T, d)
         B, T, d = h.shape
         hf = h.reshape(B * T, d)
         items = m.item_embeddings(vec)                                           # (N_rows, d)
+        if inspect is not None:
+            with torch.no_grad():
+                inspect(h.detach(), items.detach())
         rec_t = batch["rec_target"].reshape(-1)
         rows = (rec_t > 0).nonzero().squeeze(1)
         hard_ids, soft = None, None
@@ -149,7 +168,7 @@ class Trainer:
             lex = None
             if m.cfg.use_lexical and self.cfg.negatives == "all":
                 lex = m.lexical_scores(batch["query"].reshape(B * T, -1)[srows])        # (S, N_rows)
-            sl = self._retrieval(m.user_vectors(hf[srows]), srch_t[srows], items, lexical=lex)
+            sl = self._retrieval(m.search_vectors(h, batch, srows), srch_t[srows], items, lexical=lex)
             out["search"] = sl.detach()
             ret = ret + self.cfg.search_weight * sl
         out["retrieval"] = ret
@@ -159,12 +178,13 @@ class Trainer:
                                                      self.cfg.rank_alpha)
         return out
 
-    def step(self, batch: dict) -> dict[str, float]:
-        """One optimiser update on `batch`; returns the logged losses and weights."""
+    def step(self, batch: dict, inspect: Callable | None = None) -> dict[str, float]:
+        """One optimiser update on `batch`; returns the logged losses and weights
+        (`inspect`: see `losses`)."""
         self.model.train()
         t = batch["rec_target"].reshape(-1)
         self.item_counts += torch.bincount(t[t > 0], minlength=len(self.item_counts)).float()
-        out = self.losses(batch)
+        out = self.losses(batch, inspect)
         if self.has_ranking:
             shared = list(self.model.blocks[-1].parameters())
             w = self.weighter.update({"retrieval": out["retrieval"], "ranking": out["ranking"]}, shared)

@@ -17,7 +17,8 @@ Other held-out measures, on the same never-trained-on clicks:
   weighted by count over the users whose two held-out clicks have both labels
   (users with two equal labels have no defined AUC and are skipped).
 * search Recall@10 / NDCG@10: the validation and test clicks that carry a
-  query; the state after the query token (history + query) ranks all items;
+  query; the state after the history fused with the query (late fusion,
+  `model/model.py`) ranks all items;
   one relevant item, so Recall@10 = HR@10.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from unirec.model.batching import FEEDBACK, ITEM, QUERY, History, train_batches, windows
+from unirec.model.batching import FEEDBACK, ITEM, History, context_batch, train_batches, windows
 from unirec.model.config import ModelConfig
 from unirec.model.model import UnifiedRecommender
 from unirec.model.vocab import Vocab
@@ -30,40 +30,39 @@ def _hist(items, labels=None, queries=None):
 def test_token_layout_and_targets():
     h = _hist([3, 4, 5], labels=[1, 0, 1], queries=[None, [7, 8], None])
     b = next(train_batches([h], 30, 1))
-    assert b["type"][0].tolist() == [ITEM, QUERY, ITEM, ITEM]
-    # next-item targets sit on the item tokens; the query predicts its own click
-    assert b["rec_target"][0].tolist() == [4, 0, 5, 0]
-    assert b["search_target"][0].tolist() == [0, 4, 0, 0]
-    assert b["rank_label"][0].tolist() == [1, -1, 0, 1]
-    # each event's tokens carry the previous event's label, never their own
-    assert b["prev_label"][0].tolist() == [-1, 1, 1, 0]
-    assert b["ts"][0, 1] == b["ts"][0, 2]
+    assert b["type"][0].tolist() == [ITEM, ITEM, ITEM]          # one token per event, no query token
+    # next-item targets sit on the item tokens; a search click's token holds its query and its target
+    assert b["rec_target"][0].tolist() == [4, 5, 0]
+    assert b["search_target"][0].tolist() == [0, 4, 0]
+    assert b["query"][0, 1].tolist() == [7, 8] and (b["query"][0, [0, 2]] == 0).all()
+    assert b["rank_label"][0].tolist() == [1, 0, 1]
+    # each event's token carries the previous event's label, never its own
+    assert b["prev_label"][0].tolist() == [-1, 1, 0]
 
 
 def test_token_layout_with_feedback_tokens():
     h = _hist([3, 4, 5], labels=[1, 0, 1], queries=[None, [7, 8], None])
     b = next(train_batches([h], 30, 1, feedback_tokens=True))
-    assert b["type"][0].tolist() == [ITEM, FEEDBACK, QUERY, ITEM, FEEDBACK, ITEM, FEEDBACK]
+    assert b["type"][0].tolist() == [ITEM, FEEDBACK, ITEM, FEEDBACK, ITEM, FEEDBACK]
     assert (b["prev_label"] == -1).all()
-    # next-item targets sit on the feedback tokens; the query predicts its own click
-    assert b["rec_target"][0].tolist() == [0, 4, 0, 0, 5, 0, 0]
-    assert b["search_target"][0].tolist() == [0, 0, 4, 0, 0, 0, 0]
-    assert b["rank_label"][0].tolist() == [1, -1, -1, 0, -1, 1, -1]
+    # next-item targets sit on the feedback tokens; the search click's token holds its target
+    assert b["rec_target"][0].tolist() == [0, 4, 0, 5, 0, 0]
+    assert b["search_target"][0].tolist() == [0, 0, 4, 0, 0, 0]
+    assert b["rank_label"][0].tolist() == [1, -1, 0, -1, 1, -1]
     # tokens of one event share its timestamp
-    assert b["ts"][0, 2] == b["ts"][0, 3] == b["ts"][0, 4]
+    assert b["ts"][0, 2] == b["ts"][0, 3]
 
 
 def test_an_events_label_reaches_later_events_only():
     """The ranker at item t must not see label t (it is the target); the next event must see it."""
     m = _model()
-    from unirec.model.batching import context_batch
     a = _hist([3, 4, 5, 6], labels=[1, 1, 1, 1], queries=[None, None, [7, 8], None])
     b = _hist([3, 4, 5, 6], labels=[1, 0, 1, 1], queries=[None, None, [7, 8], None])
     with torch.no_grad():
         ha, _ = m(context_batch([a], 30))
         hb, _ = m(context_batch([b], 30))
-    assert torch.allclose(ha[0, :2], hb[0, :2], atol=1e-6)                  # events 0, 1 (item tokens)
-    assert not torch.allclose(ha[0, 2], hb[0, 2]) and not torch.allclose(ha[0, 3], hb[0, 3])   # q, i of event 2
+    assert torch.allclose(ha[0, :2], hb[0, :2], atol=1e-6)                  # events 0, 1
+    assert not torch.allclose(ha[0, 2], hb[0, 2]) and not torch.allclose(ha[0, 3], hb[0, 3])   # events 2, 3
 
 
 def test_windows_cover_every_event_once():
@@ -110,13 +109,72 @@ def test_right_padding_does_not_change_outputs():
     assert torch.allclose(together[0], m.user_state([short])[0], atol=1e-5)
 
 
+def _trained_fusion(m):
+    """Give the (zero-ish at init) fusion MLP visible weights, so tests can see what it reads."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in list(m.query_fuse.parameters()) + [m.start_state, m.query_ln.bias]:
+            p.normal_(0, 0.5)
+    return m
+
+
 def test_query_text_changes_the_search_state_only_through_the_query():
-    m = _model()
+    m = _trained_fusion(_model())
     hs = [_hist([1, 2, 3])]
     a = m.user_state(hs, [[5, 6]])
     b = m.user_state(hs, [[9]])
     assert not torch.allclose(a, b)
     assert torch.allclose(m.user_state(hs, [[5, 6]]), a)
+    assert not torch.allclose(m.user_state(hs, [[5, 6]]), m.user_state(hs))    # search != rec state
+
+
+def test_search_state_reads_the_query_and_earlier_events_only():
+    """Training's search vector for a click = the served search state for the history before it
+    with its query; the clicked item, its label and later events do not change it."""
+    m = _trained_fusion(_model())
+    q = [7, 8, 9]
+
+    def search_vec(items, labels=None):
+        b = context_batch([_hist(items, labels, queries=[None, None, q, None])], 30)
+        h, _ = m(b)
+        return m.search_vectors(h, b, torch.tensor([2]))[0]                  # the click at event 2
+
+    with torch.no_grad():
+        ref = search_vec([1, 2, 3, 4])
+        assert torch.allclose(ref, search_vec([1, 2, 11, 4], [1, 1, 0, 1]), atol=1e-6)   # own item, own label
+        assert torch.allclose(ref, search_vec([1, 2, 3, 12]), atol=1e-6)     # a later event
+        assert not torch.allclose(ref, search_vec([5, 2, 3, 4]))              # an earlier event
+    served = m.user_state([_hist([1, 2])], [q])[0]
+    assert torch.allclose(ref, served, atol=1e-5)
+
+
+def test_a_search_click_passes_its_query_to_later_events_not_to_earlier_ones():
+    m = _model()
+    a = _hist([1, 2, 3, 4], queries=[None, None, [7, 8], None])
+    b = _hist([1, 2, 3, 4], queries=[None, None, [9, 10], None])
+    with torch.no_grad():
+        ha, _ = m(context_batch([a], 30))
+        hb, _ = m(context_batch([b], 30))
+    assert torch.allclose(ha[0, :2], hb[0, :2], atol=1e-6)
+    assert not torch.allclose(ha[0, 3], hb[0, 3])
+    nq = _model(use_queries=False)                                          # unified_no_query: no query input
+    with torch.no_grad():
+        assert torch.allclose(nq(context_batch([a], 30, use_queries=False))[0],
+                              nq(context_batch([b], 30, use_queries=False))[0])
+
+
+def test_search_at_the_start_of_a_history_uses_the_learned_start_state():
+    m = _trained_fusion(_model())
+    h = _hist([3, 4], queries=[[7, 8], None])
+    b = context_batch([h], 30)
+    with torch.no_grad():
+        hs, _ = m(b)
+        got = m.search_vectors(hs, b, torch.tensor([0]))[0]
+    empty = History(*(np.zeros(0, dtype=np.int64) for _ in range(4)), [])
+    assert torch.allclose(got, m.user_state([empty], [[7, 8]])[0], atol=1e-6)
+    with torch.no_grad():
+        m.start_state.add_(1.0)
+    assert not torch.allclose(got, m.user_state([empty], [[7, 8]])[0])
 
 
 def test_without_feedback_tokens_rec_targets_sit_on_items():
@@ -272,7 +330,30 @@ def test_version_saved_before_the_repeat_logit_loads_with_it_at_zero(caplog):
         model_from_arrays(mc, ids, broken, arrays)
 
 
+def test_version_trained_with_query_tokens_is_refused_with_a_clear_error():
+    import pytest
+
+    from unirec.model.snapshot import model_from_arrays
+    mc = ModelConfig(d_model=32, n_heads=2, n_buckets=300, max_len=30)
+    _, ids, weights, arrays = _version_arrays(mc)
+    old = {k: v for k, v in weights.items() if not k.startswith(("query_fuse.", "start_state"))}
+    with pytest.raises(ValueError, match="query tokens"):
+        model_from_arrays(mc, ids, old, arrays)
+    nq = ModelConfig(d_model=32, n_heads=2, n_buckets=300, max_len=30, use_queries=False)
+    _, ids, weights, arrays = _version_arrays(nq)                  # without queries nothing changed
+    model_from_arrays(nq, ids, weights, arrays)
+
+
 def test_version_config_without_feedback_tokens_reads_the_old_layout():
     from unirec.model.snapshot import model_config_from
     assert model_config_from({"d_model": 32}).feedback_tokens is True
     assert model_config_from({"d_model": 32, "feedback_tokens": False}).feedback_tokens is False
+
+
+def test_the_search_loss_trains_the_fusion_not_the_shared_trunk():
+    m = _trained_fusion(_model()).train()
+    b = context_batch([_hist([1, 2, 3, 4], queries=[[5], None, [7, 8], None])], 30)
+    h, _ = m(b)
+    m.search_vectors(h, b, torch.tensor([0, 2])).sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in m.blocks.parameters())
+    assert m.query_fuse[0].weight.grad.abs().sum() > 0 and m.start_state.grad.abs().sum() > 0

@@ -1,5 +1,6 @@
 """Online learning: growing/expiring item table, test-then-train, replay, snapshot round trip."""
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from unirec.model.config import EnhancerConfig, ModelConfig, OnlineConfig, TrainConfig, WeighterConfig
 from unirec.model import metrics
+from unirec.model import online
 from unirec.model.online import Example, OnlineLearner, target_ranks
 from unirec.model.snapshot import history_from_columns, model_from_arrays
 from unirec.model.vocab import ItemTable
@@ -93,11 +95,85 @@ def test_test_then_train_scores_the_batch_with_the_model_before_it_trains_on_it(
     batch = cyclic_batch(3)
     before = copy.deepcopy(lr)
     expected = before.evaluate([w for e in batch for w in before._windows(before._history(e), e.n_new)]).means()
-    stats = lr.process(batch)
+    stats = lr.process(batch, fuse=False)                # the batch-level protocol: one pass before any step
     assert stats["eval"]["ndcg@10"] == pytest.approx(expected["ndcg@10"])
     # every new event with an event before it is scored once (a user's first event has no state to predict from)
     assert stats["eval"]["eval_events"] == sum(e.n_new for e in batch) - len(batch)
     assert stats["steps"] >= 1 and not torch.equal(lr.model.item_emb.weight, before.model.item_emb.weight)
+
+
+def spy_steps(lr, monkeypatch, before_step):
+    """Call `before_step(fresh_token_lists, n_rows)` right before each optimiser step of `lr`,
+    with the new windows of that step (collate's first rows; the replayed ones follow)."""
+    collated = []
+    real_collate = online.collate
+    monkeypatch.setattr(online, "collate", lambda lists: collated.append(list(lists)) or real_collate(lists))
+    step, n_replay = lr.trainer.step, round(lr.trainer.cfg.batch_size * lr.cfg.replay_fraction)
+
+    def spied(batch, inspect=None):
+        lists = collated[-1]
+        before_step(lists[: len(lists) - min(n_replay, len(lr.buffer))], len(lists))
+        return step(batch, inspect=inspect)
+    monkeypatch.setattr(lr.trainer, "step", spied)
+
+
+def test_scores_off_the_training_pass_equal_a_separate_eval_pass_before_each_step(monkeypatch):
+    lr = learner()
+    lr.process([example(u, [(u + k) % 12 + 1 for k in range(10)], 10**9, search_every=3) for u in range(6)])
+    batch = [example(u, [(u + k + 3) % 12 + 1 for k in range(10)], 10**9 + DAY, search_every=3) for u in range(6)]
+    ref, fresh_rows = online.EvalSums(k=10), []
+
+    def separate_pass(fresh, n_rows):                    # the model as it is right before this step
+        fresh_rows.append((len(fresh), n_rows))
+        ref.merge(OnlineLearner.evaluate(copy.deepcopy(lr), fresh))
+    spy_steps(lr, monkeypatch, separate_pass)
+    calls = []
+    monkeypatch.setattr(lr, "evaluate", lambda lists: calls.append(lists))
+    stats = lr.process(batch)
+    assert not calls and stats["steps"] == len(fresh_rows) >= 2           # fused: no pass of its own
+    assert all(n_rows > n for n, n_rows in fresh_rows)                    # replayed rows rode along, unscored
+    got, want = stats["eval"], ref.means()
+    for k in ("eval_events", "eval_search_events", "eval_rank_events"):
+        assert got[k] == want[k] > 0
+    for k in ("hr@10", "ndcg@10", "search_recall@10", "search_ndcg@10", "auc"):
+        assert got[k] == pytest.approx(want[k], abs=1e-9)
+    pairs = lambda p, l: sorted(zip(l, np.round(p, 5)))
+    assert pairs(stats["rank_probs"], stats["rank_labels"]) == pairs(ref.probs, ref.labels)
+
+
+def test_no_new_event_is_scored_by_a_model_that_trained_on_it_or_on_a_later_event_of_its_user(monkeypatch):
+    lr = learner(replay_fraction=0.0)
+    # more new events per user than fit one window (max_len 8): several windows per user, spread over steps
+    batch = [example(u, [(u + k) % 12 + 1 for k in range(30)], u * 10**6) for u in range(6)]
+    trained: dict = {}                                   # user -> latest target time trained on so far
+    checked = []
+
+    def before_step(fresh, n_rows):
+        for w in fresh:                                  # this step's windows are scored before its update
+            targets = [ts for ts, lab in zip(w["ts"], w["rank_label"]) if lab >= 0]
+            user = targets[0] // 10**6
+            assert min(targets) > trained.get(user, -1)
+            checked.append(len(targets))
+        for w in fresh:
+            targets = [ts for ts, lab in zip(w["ts"], w["rank_label"]) if lab >= 0]
+            trained[targets[0] // 10**6] = max(trained.get(targets[0] // 10**6, -1), max(targets))
+    spy_steps(lr, monkeypatch, before_step)
+    stats = lr.process(batch)
+    assert sum(checked) == 6 * 30 and stats["steps"] >= 4
+    assert stats["eval"]["eval_events"] == 6 * 29
+
+
+def test_dropout_and_capped_batches_fall_back_to_a_pass_before_the_steps(monkeypatch):
+    lr = OnlineLearner.fresh(dataclasses.replace(MC, dropout=0.1), TC, OnlineConfig(item_capacity=4),
+                             pieces_of=lambda i: [1])
+    calls = []
+    evaluate = lr.evaluate
+    monkeypatch.setattr(lr, "evaluate", lambda lists: calls.append(len(lists)) or evaluate(lists))
+    stats = lr.process(cyclic_batch(0))
+    assert calls == [stats["sequences"]] and stats["eval"]["eval_events"] == 6 * 9
+    capped = learner(max_steps_per_batch=1)
+    stats = capped.process(cyclic_batch(0, users=12, length=20))
+    assert stats["deferred"] > 0 and stats["eval"]["eval_events"] == 12 * 19     # deferred windows scored too
 
 
 def test_online_updates_learn_the_stream():
@@ -225,3 +301,40 @@ def test_online_lr_decays_over_the_lineage_first_steps_then_stays_at_the_floor()
     assert back.process(cyclic_batch(7))["lr"] == pytest.approx(tc.lr * tc.min_lr_ratio)
     const = OnlineLearner.fresh(MC, tc, OnlineConfig(item_capacity=4, lr_decay_steps=0))
     assert [const.process(cyclic_batch(s))["lr"] for s in range(6)][-1] == pytest.approx(tc.lr)
+
+
+def test_repeat_logit_added_in_place_equals_the_models_repeat_scores():
+    lr = learner()
+    lr.process(cyclic_batch(0))
+    with torch.no_grad():
+        lr.model.repeat_logit.fill_(0.13)
+    batch = online.collate([w for e in cyclic_batch(2) for w in lr._windows(lr._history(e), e.n_new)])
+    g = torch.Generator().manual_seed(1)
+    flat = torch.randperm(batch["type"].numel(), generator=g)[:40]
+    scores = torch.randn(40, lr.model.item_live.shape[0], generator=g)
+    scores[:, 0] = float("-inf")
+    with torch.no_grad():
+        want = scores + lr.model.repeat_scores(batch, flat)
+    got = online.add_repeat_(lr.model, scores.clone(), batch, flat)
+    assert torch.equal(got, want) and not torch.equal(want, scores)
+
+
+def test_search_figures_rank_as_search_scores_does():
+    lr = learner()
+    lr.process([example(u, [(u + k) % 12 + 1 for k in range(9)], 10**9, search_every=3) for u in range(4)])
+    batch = [Example(str(u), [str((u + k) % 12 + 1) for k in range(MC.max_len)], [k % 2 for k in range(8)],
+                     [10**9 + DAY + 60 * k for k in range(8)], ["search" if k % 3 == 2 else "rec" for k in range(8)],
+                     [f"film {(u + k) % 12 + 1}" if k % 3 == 2 else None for k in range(8)], 8) for u in range(3)]
+    hists = [lr._history(e) for e in batch]
+    lr._sync_table()
+    ranks = []
+    for h in hists:                                       # offline: the history before each search, and its query
+        for j in range(len(h)):
+            if h.queries[j] is not None:
+                s = lr.model.search_scores([h.slice(0, j)], [h.queries[j]])
+                ranks.append(int(metrics.target_ranks(s, [h.items[j]])[0]))
+    ranks = np.array(ranks)
+    got = lr.process(batch, train=False)["eval"]
+    assert got["eval_search_events"] == len(ranks) == 3 * 2
+    assert got["search_ndcg@10"] == pytest.approx(np.where(ranks < 10, 1.0 / np.log2(ranks + 2.0), 0.0).mean())
+    assert got["search_recall@10"] == pytest.approx((ranks < 10).mean())

@@ -113,6 +113,6 @@ def test_causality_later_events_do_not_change_earlier_outputs():
     with torch.no_grad():
         h1, _ = m(context_batch([base], 50))
         h2, _ = m(context_batch([later], 50))
-    n_prefix = 1 + 2 + 1   # events 0..2 = i, q i, i
+    n_prefix = 3   # events 0..2, one token each (the query of event 1 rides on its token)
     assert torch.allclose(h1[0, :n_prefix], h2[0, :n_prefix], atol=1e-6)
     assert not torch.allclose(h1[0, n_prefix:n_prefix + 2], h2[0, n_prefix:n_prefix + 2])
