@@ -2,7 +2,7 @@
 GET /recommend from this one.
 
     .venv/bin/python bench/serving.py [--rate 200] [--duration 30] [--warmup 5] [--no-cache]
-                                      [--registry PATH] [--no-kafka]
+                                      [--registry PATH] [--no-kafka] [--profile FILE]
 
 Set-up (in a temp dir, nothing of the working tree is touched):
 * a registry version of the ML-100k catalogue with the default model config,
@@ -24,6 +24,10 @@ are then users whose sequence has not changed (the ranked list is reused: a
 feature read, no model pass), i.e. the steady state between publishes;
 `--no-cache` measures every request through the model (retrieval + re-ranking).
 
+`--profile FILE`: the server runs under cProfile (event-loop thread, inference thread and
+exposure thread, each its own profile) and writes the three tables to FILE when it stops
+(latency under the profiler is not meaningful; use it for where the CPU goes).
+
 Last stdout line: {"qps", "p50_ms", "p99_ms", "errors", ...details}; the details include
 the server's CPU time per measured request (less dependent on what else runs on the
 machine), the server-side latency quantiles (upper bound of their histogram bucket:
@@ -38,6 +42,7 @@ import dataclasses
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -208,6 +213,40 @@ def server_quantile(before: dict, after: dict, q: float) -> float:
     return next(le for le, n in cum if n >= q * total) * 1000
 
 
+# `unirec serve` with one cProfile per thread that runs request work; tables written at exit
+PROFILED_SERVE = """
+import cProfile, pstats, sys, threading
+from unirec.ops import exposures, serving
+out, profiles = sys.argv.pop(1), []
+def profiled(cls, name, label):
+    inner, local = getattr(cls, name), threading.local()
+    def run(self, *a, **k):
+        if not hasattr(local, "p"):
+            local.p = cProfile.Profile()
+            profiles.append((label, local.p))
+        local.p.enable()
+        try:
+            return inner(self, *a, **k)
+        finally:
+            local.p.disable()
+    setattr(cls, name, run)
+profiled(serving.Service, "_drain", "inference thread")
+profiled(exposures.ExposureLog, "_send_queued", "exposure thread")
+from unirec.cli import main
+loop = cProfile.Profile()
+profiles.append(("event loop thread (includes start-up)", loop))
+try:
+    loop.runcall(main)
+finally:
+    with open(out, "w") as f:
+        for label, p in profiles:
+            stats = pstats.Stats(p, stream=f)
+            f.write(f"===== {label}: {stats.total_tt:.2f} s\\n")
+            stats.sort_stats("tottime").print_stats(30)
+            stats.sort_stats("cumulative").print_stats(40)
+"""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rate", type=float, default=200.0, help="requests per second")
@@ -218,6 +257,7 @@ def main() -> None:
     ap.add_argument("--no-kafka", action="store_true", help="no broker: exposures dropped (counted)")
     ap.add_argument("--registry", default=None, help="serve this registry instead of a generated version")
     ap.add_argument("--dump", default=None, help="write (scheduled s, latency s, status) rows as JSON here")
+    ap.add_argument("--profile", default=None, help="run the server under cProfile; its tables go to this file")
     ap.add_argument("-c", "--config", default=str(ROOT / "pipeline.yaml"))
     args = ap.parse_args()
 
@@ -245,8 +285,9 @@ def main() -> None:
               "experiments": plain(experiments), "registry": {**plain(cfg.registry), "path": registry}}
     (tmp / "pipeline.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    server = subprocess.Popen([sys.executable, "-c", "import sys; from unirec.cli import main; sys.exit(main())",
-                               "-c", str(tmp / "pipeline.yaml"), "serve"],
+    code = (PROFILED_SERVE, str(Path(args.profile).resolve())) if args.profile else \
+        ("import sys; from unirec.cli import main; sys.exit(main())",)
+    server = subprocess.Popen([sys.executable, "-c", *code, "-c", str(tmp / "pipeline.yaml"), "serve"],
                               env=env, cwd=ROOT, stderr=open(tmp / "server.log", "w"))
     try:
         import requests
@@ -269,8 +310,10 @@ def main() -> None:
         time.sleep(0.5)
         counters = scrape(port)
     finally:
-        server.terminate()
-        server.wait(15)
+        # SIGINT: uvicorn shuts down and returns (on SIGTERM it re-raises the signal after its
+        # shutdown, so the profiled run's `finally` would not write the tables)
+        server.send_signal(signal.SIGINT if args.profile else signal.SIGTERM)
+        server.wait(30)
         if not args.no_kafka:
             broker.stop(kafka)
     if args.dump:

@@ -6,14 +6,26 @@ already been answered. `KafkaSender` publishes to the exposures topic keyed by
 user id (so one user's exposures stay in order on one partition), with acks=1:
 exposures are telemetry for attribution, not the source of truth, and a lost one
 only removes one trial from an arm's statistics.
+
+**Sent in batches, every `flush_s`.** The first version woke its sender thread
+for every record (`queue.Queue.put` + notify), and each send woke kafka-python's
+own I/O thread; each wake-up takes the GIL from the request path (cProfile of the
+request path, in-process, with a no-op sender: the `put`'s notify alone cost
+~0.5 ms per request, the woken thread's turn with the GIL). Now `send` is a
+`deque.append` (no lock, no wake-up) and the sender thread wakes every
+`flush_s` (50 ms) to hand everything queued to the producer at once, which then
+goes out in one produce request per partition. kafka-python costs ~0.04 ms of
+CPU per record sent that way (measured: 5,000 exposure records in bursts of 40
+to the embedded broker). An exposure reaches Kafka at most ~`flush_s` + the
+producer's `linger_ms` later; attribution reads them by request id, not by time.
 """
 from __future__ import annotations
 
 import logging
-import queue
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 import orjson
@@ -24,33 +36,44 @@ log = logging.getLogger(__name__)
 class ExposureLog:
     """Bounded queue + one sender thread: `send` never blocks and never raises.
 
-    `sender(record)` does the actual send (e.g. `kafka_sender`); it may raise, which
-    is counted as `failed`. A full queue drops the record (`dropped`)."""
+    `sender(record)` does the actual send (e.g. `KafkaSender`); it may raise, which
+    is counted as `failed`. Records queued or being handed to the sender beyond
+    `maxsize` are dropped (`dropped`). The thread wakes every `flush_s` and sends
+    all that queued meanwhile (see the module doc)."""
 
-    def __init__(self, sender: Callable[[dict], None], metrics, maxsize: int = 10000):
-        self.sender, self.metrics = sender, metrics
-        self.q: queue.Queue = queue.Queue(maxsize)
+    def __init__(self, sender: Callable[[dict], None], metrics, maxsize: int = 10000, flush_s: float = 0.05):
+        self.sender, self.metrics, self.maxsize, self.flush_s = sender, metrics, maxsize, flush_s
+        self.q: deque = deque()          # append / popleft are atomic: no lock on the request path
+        self._inflight = 0               # taken by the sender thread, not yet handed over
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="exposure-log", daemon=True)
         self.thread.start()
 
     def send(self, record: dict) -> None:
-        try:
-            self.q.put_nowait(record)
-        except queue.Full:
+        if len(self.q) + self._inflight >= self.maxsize:
             self.metrics.exposures.labels("dropped").inc()
+        else:
+            self.q.append(record)
 
     def _run(self) -> None:
-        while not (self._stop.is_set() and self.q.empty()):
-            try:
-                rec = self.q.get(timeout=0.1)
-            except queue.Empty:
-                continue
+        while True:
+            stopping = self._stop.wait(self.flush_s)
+            self._send_queued()
+            if stopping:
+                return
+
+    def _send_queued(self) -> None:
+        batch = []
+        while self.q:
+            self._inflight += 1
+            batch.append(self.q.popleft())
+        for rec in batch:
             try:
                 self.sender(rec)
             except Exception as e:  # noqa: BLE001 - a broken broker must never reach a request
                 self.metrics.exposures.labels("failed").inc()
                 log.debug("exposure not sent: %s", e)
+            self._inflight -= 1
 
     def close(self, timeout_s: float = 5.0) -> None:
         self._stop.set()

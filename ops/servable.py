@@ -31,6 +31,17 @@ error is logged. Requests are scored in batches (`recommend_many`,
 `search_many`): the server groups the requests that queued while the previous
 batch ran.
 
+**Small-tensor overhead.** At d=64 and ~50 tokens a pass is dominated by per-op
+cost, not arithmetic, so the pass is written for few ops: block weights are read
+once into plain tensors (`_layers`; calling `nn.Module`s cost more than the ops),
+rotary positions are x cos + roll(x) sin with the sign folded into sin (4 ops per
+call instead of `positions.apply_rotary`'s 9, same floats), one unpadded row skips
+the state-token gather and mask, and re-ranking gathers all rows' top-k at once.
+Measured (min of 25 x 20 calls, thread CPU, ML-100k users, load ~6):
+`recommend_many` 2.80 -> 2.44 ms per pass for one request, 5.67 -> 5.17 for four.
+What is left is mostly compute (four 50-token layers ~0.15 ms each) and the
+model's own token building (`model._context`, `model.embed`).
+
 `ModelHolder` loads versions off the request path and `View` is what one request
 reads (see "Hot swap" in `unirec.ops.serving`). `ListCache` is the LRU of ranked lists per (version, user, exclude_seen), valid
 while the user's sequence state (watermark, length, total clicks, queries) is unchanged.
@@ -49,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from unirec.model import positions
-from unirec.model.batching import ITEM, History
+from unirec.model.batching import ITEM, History, query_tensor
 
 if TYPE_CHECKING:
     from unirec.ops.experiments import Experiment
@@ -60,53 +71,94 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- one pass: history, then candidates
 
-def _qkv(attn, x, cos, sin):
-    """Rotated queries, keys and values (B, H, T, D) of `attn` for normalised input x (B, T, d);
-    queries and keys are rotated in one call (fewer small ops: they dominate at serving sizes)."""
+class _Layer(NamedTuple):
+    """One `Block`'s weights as plain tensors: calling `nn.Module`s costs more than the small
+    ops themselves at serving sizes (the tensors are the module's own, so they stay current)."""
+    heads: int
+    ln1: tuple                 # (normalized_shape, weight, bias, eps)
+    qkv: tuple                 # (weight, bias)
+    proj: tuple
+    ln2: tuple
+    fc1: tuple
+    fc2: tuple
+    gelu: str                  # the MLP activation's `approximate`
+
+
+def _ln(m) -> tuple:
+    return m.normalized_shape, m.weight, m.bias, m.eps
+
+
+def _layers(model) -> list[_Layer]:
+    """The blocks' weights (built once per model and kept on it)."""
+    layers = model.__dict__.get("_serving_layers")
+    if layers is None:
+        layers = [_Layer(b.attn.n_heads, _ln(b.ln1), (b.attn.qkv.weight, b.attn.qkv.bias),
+                         (b.attn.proj.weight, b.attn.proj.bias), _ln(b.ln2), (b.mlp[0].weight, b.mlp[0].bias),
+                         (b.mlp[2].weight, b.mlp[2].bias), b.mlp[1].approximate) for b in model.blocks]
+        model.__dict__["_serving_layers"] = layers
+    return layers
+
+
+def _rotation(angles: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, signed sin), each (B, 1, T, D) for float64 angles (B, T, D/2): with them,
+    `positions.apply_rotary(x)` is x * cos + roll(x, D/2) * sin (4 ops instead of 9, same
+    floats: x1 cos + x2 (-sin) is x1 cos - x2 sin exactly)."""
+    cos, sin = positions.cos_sin(angles, dtype)                                      # (B, 1, T, D/2)
+    return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
+
+
+def _qkv(layer: _Layer, x, cos, sin):
+    """Rotated queries, keys and values (B, H, T, D) of `layer` for input x (B, T, d) (before
+    its layer norm); queries and keys are rotated together."""
     B, T, C = x.shape
-    H = attn.n_heads
-    qkv = F.linear(x, attn.qkv.weight, attn.qkv.bias).view(B, T, 3 * H, C // H).transpose(1, 2)  # (B, 3H, T, D)
-    qk = positions.apply_rotary(qkv[:, : 2 * H], cos, sin)
+    H = layer.heads
+    qkv = F.linear(F.layer_norm(x, *layer.ln1), *layer.qkv).view(B, T, 3 * H, C // H).transpose(1, 2)  # (B, 3H, T, D)
+    qk = qkv[:, : 2 * H]
+    qk = qk * cos + qk.roll(C // H // 2, -1) * sin
     return qk[:, :H], qk[:, H:], qkv[:, 2 * H:]
 
 
-def _attend_and_mlp(block, x, y):
+def _attend_and_mlp(layer: _Layer, x, y):
     """The rest of `Block.forward` after attention: x (B, T, d) + proj(y), then + mlp."""
     B, _, T, _ = y.shape
-    proj = block.attn.proj
-    x = x + F.linear(y.transpose(1, 2).reshape(B, T, x.shape[-1]), proj.weight, proj.bias)
-    return x + block.mlp(block.ln2(x))
+    x = x + F.linear(y.transpose(1, 2).reshape(B, T, x.shape[-1]), *layer.proj)
+    return x + F.linear(F.gelu(F.linear(F.layer_norm(x, *layer.ln2), *layer.fc1), approximate=layer.gelu),
+                        *layer.fc2)
 
 
 def state_and_cache(model, batch: dict, pos: torch.Tensor) -> tuple[torch.Tensor, list]:
     """(final hidden state (B, d) at token `pos` (B,) of each row, [(keys, values) (B, H, T, D)
     of every layer]). The state equals `model(batch)[0][arange(B), pos]`."""
     x = model.embed(batch, model.item_vectors())                                     # (B, T, d)
-    cos, sin = positions.cos_sin(positions.rotary_angles(batch["index"], batch["ts"], model.index_freq,
-                                                         model.time_freq), x.dtype)
+    cos, sin = _rotation(positions.rotary_angles(batch["index"], batch["ts"], model.index_freq,
+                                                 model.time_freq), x.dtype)
     B, T, _ = x.shape
-    rows, cache = torch.arange(B), []
-    for i, block in enumerate(model.blocks):
-        q, k, v = _qkv(block.attn, block.ln1(x), cos, sin)
+    layers, cache = _layers(model), []
+    for i, layer in enumerate(layers):
+        q, k, v = _qkv(layer, x, cos, sin)
         cache.append((k, v))
-        if i < len(model.blocks) - 1:
+        if i < len(layers) - 1:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)              # (B, H, T, D)
+        elif B == 1 and int(pos[0]) == T - 1:   # one unpadded row: its state token sees every token
+            y = F.scaled_dot_product_attention(q[:, :, T - 1:], k, v)                # (1, H, 1, D)
+            x = x[:, T - 1:]
         else:   # last layer: only the state token goes on
+            rows = torch.arange(B)
             sees = (torch.arange(T)[None, :] <= pos[:, None])[:, None, None]         # (B, 1, 1, T)
             y = F.scaled_dot_product_attention(q[rows, :, pos][:, :, None], k, v, attn_mask=sees)  # (B, H, 1, D)
             x = x[rows, pos][:, None]                                                # (B, 1, d)
-        x = _attend_and_mlp(block, x, y)
-    return model.ln_f(x[:, 0]), cache
+        x = _attend_and_mlp(layer, x, y)
+    return F.layer_norm(x[:, 0], *_ln(model.ln_f)), cache
 
 
 def _candidate_tokens(model, batch: dict, prefix: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     """Input embeddings (B, C, d) of candidate item tokens, as `model.forward` builds them: item
     vector + item type + rec surface (+ the label of the prefix's last event when labels ride
     on the next event's token instead of a feedback token of their own)."""
-    x = model.item_vectors()[items] + model.type_emb.weight[ITEM] + model.surface_emb.weight[0]
+    x = model.item_vectors()[items] + (model.type_emb.weight[ITEM] + model.surface_emb.weight[0])
     if model.cfg.use_feedback and not getattr(model.cfg, "feedback_tokens", True):
         last = batch["label"].gather(1, (prefix - 1).clamp(min=0)[:, None])           # (B, 1)
-        x = x + model.label_emb(last) * (prefix > 0)[:, None, None]
+        x = x + model.label_emb.weight[last] * (prefix > 0)[:, None, None]
     return x
 
 
@@ -120,14 +172,14 @@ def candidate_hidden(model, cache: list, batch: dict, prefix: torch.Tensor, item
     x = _candidate_tokens(model, batch, prefix, items)                               # (B, C, d)
     angles = positions.rotary_angles(prefix[:, None], ts[:, None], model.index_freq, model.time_freq,
                                      ts_ref=batch["ts"][:, 0])                       # (B, 1, P): one per row
-    cos, sin = positions.cos_sin(angles, x.dtype)
+    cos, sin = _rotation(angles, x.dtype)
     history = torch.arange(T)[None, None, :] < prefix[:, None, None]                  # (B, 1, T)
     sees = torch.cat([history.expand(B, C, T), torch.eye(C, dtype=torch.bool).expand(B, C, C)], -1)[:, None]
-    for block, (kh, vh) in zip(model.blocks, cache):
-        q, k, v = _qkv(block.attn, block.ln1(x), cos, sin)
+    for layer, (kh, vh) in zip(_layers(model), cache):
+        q, k, v = _qkv(layer, x, cos, sin)
         y = F.scaled_dot_product_attention(q, torch.cat([kh, k], 2), torch.cat([vh, v], 2), attn_mask=sees)
-        x = _attend_and_mlp(block, x, y)
-    return model.ln_f(x)
+        x = _attend_and_mlp(layer, x, y)
+    return F.layer_norm(x, *_ln(model.ln_f))
 
 
 # ---------------------------------------------------------------- the servable version
@@ -175,16 +227,19 @@ class Servable:
         m = self.model
         if not self.one_pass:
             return m.search_scores(hs, pieces, query_ts)[:, self.rows], lambda rows: m.rank(hs, rows)
-        with_q = m.cfg.use_queries          # a model without query tokens answers with its rec state
-        batch = m._context(hs, pieces if with_q else None, query_ts if with_q else None)
+        # late fusion (model/model.py): the rec state after the history, fused with the query;
+        # a model without queries answers with its rec state. Candidates see the history only.
+        batch = m._context(hs)
         state, cache = state_and_cache(m, batch, batch["length"] - 1)
-        logits = m.user_vectors(state) @ self.emb.T / m.cfg.temperature
-        if with_q and m.cfg.use_lexical:
-            p = torch.zeros(len(pieces), max(1, max(len(q) for q in pieces)), dtype=torch.int64)
-            for b, q in enumerate(pieces):
-                p[b, : len(q)] = torch.as_tensor(q, dtype=torch.int64)
+        if m.cfg.use_queries:
+            p = query_tensor(pieces)
+            u = m.search_vectors_from(state, batch["length"] > 0, p)
+        else:
+            u = m.user_vectors(state)
+        logits = u @ self.emb.T / m.cfg.temperature
+        if m.cfg.use_queries and m.cfg.use_lexical:
             logits = logits + m.lexical_scores(p)[:, self.rows]
-        return logits, self._probs(batch, cache, batch["length"] - 1 if with_q else batch["length"])
+        return logits, self._probs(batch, cache, batch["length"])
 
     def _probs(self, batch, cache, prefix):
         """P(positive) of candidates after the first `prefix` tokens, at the last event's time."""
@@ -230,13 +285,12 @@ class Servable:
         top = logits.topk(C, dim=1)                                                  # (B, C)
         logp = torch.log_softmax(logits, dim=1).gather(1, top.indices)
         final = logp + torch.log(probs(self.rows[top.indices]).clamp(min=1e-12))     # (B, C)
-        final = final.masked_fill(torch.arange(C)[None, :] >= torch.tensor(want)[:, None], -math.inf)
-        order = final.argsort(dim=1, descending=True)
-        out = []
-        for b, k in enumerate(ks):
-            o = order[b, : min(k, want[b])]
-            out.append(([self.ids[j] for j in top.indices[b, o].tolist()], final[b, o].exp().tolist()))
-        return out
+        if min(want) < C:
+            final = final.masked_fill(torch.arange(C)[None, :] >= torch.tensor(want)[:, None], -math.inf)
+        shown = [min(k, w) for k, w in zip(ks, want)]
+        order = final.argsort(dim=1, descending=True)[:, : max(shown)]              # (B, K)
+        items, scores = top.indices.gather(1, order).tolist(), final.gather(1, order).exp().tolist()
+        return [([self.ids[j] for j in items[b][:n]], scores[b][:n]) for b, n in enumerate(shown)]
 
     @torch.inference_mode()
     def recommend_many(self, seqs: list, ks: list[int], exclude_seen: list[bool]) -> list[tuple[list, list]]:

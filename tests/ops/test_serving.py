@@ -249,6 +249,24 @@ def test_exposure_logging_never_blocks_or_fails_a_request(reg, tmp_path):
     svc.close()
 
 
+def test_exposures_are_sent_in_order_in_batches_and_flushed_on_close():
+    """The sender thread wakes every flush_s, not per record; close sends what is still queued."""
+    from prometheus_client import CollectorRegistry
+
+    from unirec.ops.exposures import ExposureLog
+    from unirec.ops.metrics import ServingMetrics
+
+    sent, wakeups = [], []
+    log = ExposureLog(sent.append, ServingMetrics(CollectorRegistry()), maxsize=1000, flush_s=0.2)
+    real = log._send_queued
+    log._send_queued = lambda: (wakeups.append(len(log.q)), real())[1]
+    for i in range(300):
+        log.send({"user_id": f"u{i}"})
+    log.close()
+    assert [r["user_id"] for r in sent] == [f"u{i}" for i in range(300)]
+    assert sum(wakeups) == 300 and len([n for n in wakeups if n]) <= 2   # one or two batches, not 300 wake-ups
+
+
 def test_repeated_requests_hit_the_cache_until_the_sequence_changes(reg, tmp_path):
     store = FakeStore({"u1": seq("u1", ITEMS[:3])})
     svc, _ = make_service(reg, tmp_path, store)
