@@ -18,8 +18,9 @@ from unirec.model.online import OnlineLearner
 from unirec.model.text import hash_pieces
 from unirec.ops import experiments as ex
 from unirec.ops.config import ArmConfig, ExperimentsConfig, ServingConfig
+from unirec.ops.http_api import create_app
 from unirec.ops.registry import Registry
-from unirec.ops.serving import Service, create_app
+from unirec.ops.serving import Service
 
 NAMES = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet",
          "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango"]

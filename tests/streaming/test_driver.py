@@ -209,10 +209,10 @@ def test_the_batch_cut_follows_the_oldest_partition_tail_unless_a_partition_is_q
         ends = end_offsets(kafka_cfg)
         lags = {tp: ends[tp] - pos for tp, pos in d.positions.items()}
         assert all(lag == 2 for lag in lags.values())
-        assert d.arrival_cut(ends, lags) == now - 4000          # the oldest tail
+        assert d.planner.arrival_cut(ends, lags) == now - 4000          # the oldest tail
         quiet = {**lags, sorted(lags)[-1]: 0}
         before = int(time.time() * 1000)
-        assert before - 60_000 <= d.arrival_cut(ends, quiet) <= int(time.time() * 1000) - 60_000
+        assert before - 60_000 <= d.planner.arrival_cut(ends, quiet) <= int(time.time() * 1000) - 60_000
         ranges = d.plan(full=False)
         assert {r.until_ms for r in ranges} == {now - 4000}    # the plan reads every partition up to that cut
 

@@ -22,8 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def build_app(cfg, *, registry_path: str | None = None):
     """The app for a loaded PipelineConfig (used by the CLI and by bench/serving.py)."""
+    from unirec.ops.http_api import create_app
     from unirec.ops.registry import Registry
-    from unirec.ops.serving import Service, create_app
+    from unirec.ops.serving import Service
 
     rcfg = cfg.registry if registry_path is None else dataclasses.replace(cfg.registry, path=registry_path)
 
