@@ -148,7 +148,7 @@ class BatchReport:
     items: int
     dead_letters: Counter
     path: str                   # "beam" | "in_process"
-    seconds: dict[str, float]   # per phase: run, dead_letters, commit, push, kafka_commit
+    seconds: dict[str, float]   # per phase: plan, run, dead_letters, commit, push, kafka_commit
     pushed_at: float            # time.time() when the Feast push had completed
     arrival_ms: list = field(default_factory=list)  # Kafka timestamp of every record read
     consumed: dict = field(default_factory=dict)    # topic -> records read
@@ -314,10 +314,11 @@ class Driver:
     def run_batch(self, *, full: bool = False) -> int:
         """Plan, run, send dead letters, commit state, then push (in the background with
         `streaming.push_mode`); returns the number of records read (0: nothing new)."""
+        t = time.perf_counter()
         ranges = self.plan(full=full)
         if not ranges:
             return 0
-        secs = {}
+        secs = {"plan": time.perf_counter() - t}
         t = time.perf_counter()
         out = self.execute(ranges)
         secs["run"], t = time.perf_counter() - t, time.perf_counter()
