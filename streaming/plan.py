@@ -3,8 +3,9 @@
 Every (topic, partition) is read from the driver's position (`positions`, owned by
 the driver and shared here) under one arrival-time cut, so clicks and queries
 advance together. The cut is the latest time no record can still be in flight to
-(`Planner.arrival_cut`), or under backlog the latest time that keeps the batch
-within `max_batch_events` (`Planner.time_cut`, from the broker's time index). The
+(`Planner.arrival_cut`), or under backlog a time that keeps the batch near
+`max_batch_events` (`Planner.time_cut`, interpolated between the last cut and the
+partitions' newest records; the broker's time index only for the first batch). The
 broker's end offsets and time index are only hints; `kafka_source.read_range`
 judges every read from the records themselves.
 """
