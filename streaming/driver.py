@@ -13,8 +13,8 @@ One micro-batch (`Driver.run_batch`):
    store's offset: never behind what is applied). Every range of the batch gets
    the same arrival-time cut: records with a Kafka timestamp <= the cut (the
    latest time no record can still be in flight to, `plan.Planner.arrival_cut`, or
-   under backlog a time that keeps the batch near `max_batch_events`, interpolated
-   from the partitions' newest timestamps, `plan.Planner.time_cut`). So clicks and queries advance together
+   under backlog the latest time that keeps the batch within `max_batch_events`,
+   found from the broker's time index). So clicks and queries advance together
    and each user's events are merged in arrival order however the stream is cut
    into batches. The broker's end offsets and time index are only hints (which
    partitions have news, where the cut lies); a read stops at the cut, at max

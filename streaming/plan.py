@@ -3,9 +3,8 @@
 Every (topic, partition) is read from the driver's position (`positions`, owned by
 the driver and shared here) under one arrival-time cut, so clicks and queries
 advance together. The cut is the latest time no record can still be in flight to
-(`Planner.arrival_cut`), or under backlog a time that keeps the batch near
-`max_batch_events` (`Planner.time_cut`, interpolated between the last cut and the
-partitions' newest records; the broker's time index only for the first batch). The
+(`Planner.arrival_cut`), or under backlog the latest time that keeps the batch
+within `max_batch_events` (`Planner.time_cut`, from the broker's time index). The
 broker's end offsets and time index are only hints; `kafka_source.read_range`
 judges every read from the records themselves.
 """
@@ -30,8 +29,6 @@ class Planner:
         self.last_cut = 0
         self.lag = 0                               # unread records per the end offsets at the last plan
         self.last_lags: dict[TP, int] = {}         # per partition (replaced, never mutated: safe to read)
-        self.tails: dict[TP, int] = {}             # newest record's timestamp per partition, at the last plan
-        self.probes = 0                            # time-index round trips so far (`time_cut`)
 
     def plan(self, *, full: bool) -> list[ReadRange]:
         """Read ranges for the next batch: partitions with news (all if `full`), one time cut."""
@@ -43,7 +40,8 @@ class Planner:
         now_ms = self.arrival_cut(ends, lags)
         cut, expect = now_ms, ends
         if self.lag > self.cfg.max_batch_events:
-            cut, expect = self.time_cut(ends, self.cfg.max_batch_events, now_ms)
+            cut = self.time_cut(ends, self.cfg.max_batch_events, now_ms)
+            expect = self._offsets_at(cut, ends)
         self.last_cut = cut
         return [ReadRange(tp[0], tp[1], self.positions[tp], self.cfg.max_batch_events, self.cfg.max_batch_bytes,
                           self.cfg.max_wait_s, self.cfg.idle_poll_ms, expect.get(tp, -1), cut)
@@ -69,18 +67,16 @@ class Planner:
         only beyond `features.allowed_lateness_s`), so the features come out the same."""
         now_ms = int(time.time() * 1000)
         floor = now_ms - self.cfg.arrival_grace_ms
-        self.tails = {}
         if self.cfg.arrival_grace_ms == 0:
             return now_ms
         if not lags or any(lag == 0 for lag in lags.values()):
             return floor
-        self.tails = tails = tail_timestamps(self._tails, {tp: ends[tp] for tp in lags},
-                                             timeout_ms=min(100, self.cfg.arrival_grace_ms))
+        tails = tail_timestamps(self._tails, {tp: ends[tp] for tp in lags},
+                                timeout_ms=min(100, self.cfg.arrival_grace_ms))
         return min(min(now_ms, max(floor, tails.get(tp, floor))) for tp in lags)
 
     def _offsets_at(self, t_ms: int, ends: dict[TP, int]) -> dict[TP, int]:
         """Per partition: the offset of the first record with a Kafka timestamp > t_ms."""
-        self.probes += 1
         found = self.consumer.offsets_for_times({TopicPartition(*tp): t_ms + 1 for tp in self.positions})
         return {tp: (hit.offset if (hit := found.get(TopicPartition(*tp))) is not None else ends.get(tp, pos))
                 for tp, pos in self.positions.items()}
@@ -90,51 +86,23 @@ class Planner:
         at = self._offsets_at(t_ms, ends)
         return sum(max(0, at[tp] - pos) for tp, pos in self.positions.items())
 
-    def time_cut(self, ends: dict[TP, int], budget: int, now_ms: int) -> tuple[int, dict[TP, int]]:
-        """Under backlog: an arrival time t such that about `budget` unread records have a
-        Kafka timestamp <= t, and each partition's offset at t (the reads' end hints).
+    def time_cut(self, ends: dict[TP, int], budget: int, now_ms: int) -> int:
+        """An arrival time t such that between 3/4 of `budget` and `budget` unread records
+        have a timestamp <= t (or the latest t with at most `budget`, when no t hits that
+        band); at least one ms worth of records, so a batch is never empty.
 
-        The broker's time index (`offsets_for_times`) answers this exactly, but on the
-        embedded broker (noida-db) each probe scans the partition's log, ~1.4 us per
-        record before the probed time (measured: 140 ms at 100k records a partition,
-        ~0.4 s at 280k), and a search takes several probes: deep into a large backlog
-        the plan cost ~1 s of every batch. So after the first batch the cut is
-        interpolated from what the plan knows for free: each partition holds its lag
-        between the last cut and its newest record's timestamp (`tails`), spread evenly
-        in time, and t is where that model reaches 7/8 of the budget. The batch size is
-        only an estimate then (a burst packed in the early part of the span makes a
-        larger batch); what a batch reads stays exact, since every read stops at t
-        judged from the records, and a range still stops at `max_batch_events`. The
-        first batch after start, with no last cut, searches the index instead."""
-        lags = {tp: max(0, ends.get(tp, 0) - pos) for tp, pos in self.positions.items()}
-        if not self.tails:  # the arrival cut fell back to the grace without asking
-            self.tails = tail_timestamps(self._tails, {tp: ends[tp] for tp, lag in lags.items() if lag},
-                                         timeout_ms=100)
-        newest = max(self.tails.values(), default=-1)
-        if 0 < self.last_cut < newest <= now_ms:
-            return self._interpolated_cut(lags, budget * 7 // 8, newest)
-        cut = self._searched_cut(ends, budget, now_ms)
-        return cut, self._offsets_at(cut, ends)
+        Each probe is one `offsets_for_times` round trip, so the search interpolates
+        on the counts (records arrive at a roughly steady rate) and bisects on every
+        other probe, which bounds it by twice a binary search's probes: ~4 probes per
+        cut instead of ~25 under a steady backlog.
 
-    def _interpolated_cut(self, lags: dict[TP, int], target: int, newest: int) -> tuple[int, dict[TP, int]]:
-        lo = self.last_cut
-        spans = {tp: max(1, self.tails.get(tp, newest) - lo) for tp, lag in lags.items() if lag}
-        share = lambda t: {tp: min(1.0, (t - lo) / span) for tp, span in spans.items()}  # noqa: E731
-        a, b = lo + 1, newest                     # the first t whose modelled count reaches the target
-        while a < b:
-            mid = (a + b) // 2
-            if sum(lags[tp] * f for tp, f in share(mid).items()) < target:
-                a = mid + 1
-            else:
-                b = mid
-        at = share(a)
-        return a, {tp: pos + round(lags[tp] * at.get(tp, 0.0)) for tp, pos in self.positions.items()}
-
-    def _searched_cut(self, ends: dict[TP, int], budget: int, now_ms: int) -> int:
-        """The exact search on the time index: between 3/4 of `budget` and `budget` records
-        <= t (or the latest t with at most `budget`, when no t hits that band), at least
-        one ms worth of records, so a batch is never empty. Interpolates on the counts
-        and bisects on every other probe (a probe is one round trip)."""
+        A probe is not cheap on the embedded broker: noida-db scans the partition's log,
+        ~1.4 us per record before the probed time (140 ms at 100k records a partition),
+        so deep into the 1M-event bench the cut costs ~1 s of every batch (the batch
+        reports' "plan" phase). Interpolating the cut from the last cut and the
+        partition tails without probes was tried: under backlog it read the same
+        records, but in tests/streaming/test_exactly_once.py (SIGKILL restarts during a
+        replay) it lost 349-2,192 of 10,000 events, cause not found; reverted."""
         count = lambda t: self._count_until(t, ends)  # noqa: E731
         lo = self.last_cut
         c_lo = count(lo)
