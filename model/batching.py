@@ -153,13 +153,36 @@ def _tokens(h: History, loss_from: int, use_queries: bool, use_feedback: bool, *
     return t
 
 
+def event_tokens(h: History, loss_from: int, use_queries: bool, use_feedback: bool) -> dict[str, list]:
+    """`_tokens(h, loss_from, ...)` for the one-token-per-event layout
+    (`feedback_tokens: false`), from the history's columns as whole lists instead of
+    eleven appends per event (~5x faster; tested equal). A token without a query holds
+    the shared empty tuple, not an empty list of its own: ~45 fewer objects per window
+    (buffered windows live long, and each object is walked by every full garbage
+    collection of the process)."""
+    n = len(h)
+    lf = min(loss_from, n)
+    items, labels = h.items.tolist(), h.labels.tolist()
+    raw = h.queries if use_queries else [None] * n
+    rec = [0] * n
+    rec[max(lf, 1) - 1: n - 1] = items[max(lf, 1):]            # the state before event j predicts it
+    return {"type": [ITEM] * n, "item": items, "label": labels,
+            "prev_label": ([-1] + labels[:-1] if n else []) if use_feedback else [-1] * n,
+            "surface": h.surfaces.tolist(), "ts": h.ts.tolist(), "query": [q or () for q in raw],
+            "rec_target": rec,
+            "search_target": [0] * lf + [i if q is not None else 0 for i, q in zip(items[lf:], raw[lf:])],
+            "rank_label": [-1] * lf + labels[lf:], "event": list(range(n))}
+
+
+_COLLATED = ("type", "item", "label", "prev_label", "surface", "ts", "rec_target", "search_target", "rank_label")
+
+
 def collate(token_lists: list[dict[str, list]], ts_override: list | None = None) -> dict[str, torch.Tensor]:
     """Pad token lists on the right into a batch of (B, T) tensors (+ query pieces (B, T, Lq))."""
     B = len(token_lists)
     T = max(1, max(len(t["type"]) for t in token_lists))
     Lq = max([1] + [len(q) for t in token_lists for q in t["query"]])
-    keys = ("type", "item", "label", "prev_label", "surface", "ts", "rec_target", "search_target", "rank_label")
-    arr = {k: np.zeros((B, T), dtype=np.int64) for k in keys}       # filled with numpy: one copy per key
+    arr = {k: np.zeros((B, T), dtype=np.int64) for k in _COLLATED}  # filled with numpy: one copy per key
     arr["type"][:] = PAD
     arr["rank_label"][:] = -1
     arr["prev_label"][:] = -1
@@ -168,7 +191,7 @@ def collate(token_lists: list[dict[str, list]], ts_override: list | None = None)
     for b, t in enumerate(token_lists):
         n = len(t["type"])
         length[b] = n
-        for k in keys:
+        for k in _COLLATED:
             arr[k][b, :n] = t[k]
         if n:
             arr["ts"][b, n:] = t["ts"][-1]   # padding keeps the last timestamp (no huge angles)
@@ -222,12 +245,43 @@ def context_batch(histories: list[History], max_len: int, *, use_queries: bool =
                   use_feedback: bool = True, feedback_tokens: bool = False) -> dict[str, torch.Tensor]:
     """Inference batch: the last `max_len` events of each history, no targets. The state
     after each history is the output at token `length - 1` (a search fuses it with the
-    query: `model.search_vectors_from`)."""
-    lists = []
-    for h in histories:
-        tail = h.slice(max(0, len(h) - max_len), len(h))
-        lists.append(_tokens(tail, len(tail), use_queries, use_feedback, feedback_tokens=feedback_tokens))
-    return collate(lists)
+    query: `model.search_vectors_from`).
+
+    With one token per event (`feedback_tokens=False`) the token columns are the history's
+    own columns, so they are copied straight into the padded arrays (`_context_columns`,
+    ~3x faster than building token lists: this runs on every served request); the token
+    lists (`_tokens` + `collate`) stay the definition, and tests/model/test_batching.py
+    checks that both give the same tensors."""
+    tails = [h.slice(max(0, len(h) - max_len), len(h)) for h in histories]
+    if use_feedback and feedback_tokens:
+        return collate([_tokens(t, len(t), use_queries, use_feedback, feedback_tokens=True) for t in tails])
+    return _context_columns(tails, use_queries, use_feedback)
+
+
+def _context_columns(tails: list[History], use_queries: bool, use_feedback: bool) -> dict[str, torch.Tensor]:
+    """`collate` of the tails' token lists without targets, one item token per event (the
+    previous event's label on each token when `use_feedback`)."""
+    B, T = len(tails), max(1, max(len(h) for h in tails))
+    Lq = max([1] + [len(q) for h in tails for q in h.queries if q]) if use_queries else 1
+    arr = {k: np.zeros((B, T), dtype=np.int64) for k in _COLLATED}
+    arr["type"][:], arr["rank_label"][:], arr["prev_label"][:] = PAD, -1, -1
+    query, length = np.zeros((B, T, Lq), dtype=np.int64), np.zeros(B, dtype=np.int64)
+    for b, h in enumerate(tails):
+        n = length[b] = len(h)
+        if not n:
+            continue
+        arr["type"][b, :n], arr["item"][b, :n], arr["label"][b, :n] = ITEM, h.items, h.labels
+        arr["surface"][b, :n], arr["ts"][b, :n], arr["ts"][b, n:] = h.surfaces, h.ts, h.ts[-1]
+        if use_feedback:
+            arr["prev_label"][b, 1:n] = h.labels[: n - 1]
+        if use_queries:
+            for j, q in enumerate(h.queries):
+                if q:
+                    query[b, j, : len(q)] = q
+    out = {k: torch.from_numpy(v) for k, v in arr.items()}
+    out["index"] = torch.arange(T).expand(B, T).clone()
+    out["query"], out["length"] = torch.from_numpy(query), torch.from_numpy(length)
+    return out
 
 
 def query_tensor(queries: list) -> torch.Tensor:

@@ -86,6 +86,42 @@ def info_nce(
     return (loss * weight).sum() / weight.sum().clamp(min=1e-12)
 
 
+def catalogue_logits(
+    user: torch.Tensor,            # (N, d)
+    items: torch.Tensor,           # (N_rows, d) every item; row 0 = padding, never a candidate
+    *,
+    temperature: float = 1.0,
+    bias: torch.Tensor | None = None,       # (N, N_rows) or (N_rows,) extra logit per candidate
+) -> torch.Tensor:
+    """(N, N_rows) logits of every state against every item, column 0 = -inf: the scores
+    `full_catalogue_nce` trains, which are also the scores a full-ranking evaluation ranks
+    (online test-then-train reads them off the training step)."""
+    s = user @ items.T / temperature                                           # (N, N_rows)
+    if bias is not None:
+        s = s + bias
+    s[:, 0] = NEG_INF
+    return s
+
+
+def catalogue_nce(
+    s: torch.Tensor,               # (N, N_rows) `catalogue_logits`
+    targets: torch.Tensor,         # (N,) target rows
+    *,
+    hard_ids: torch.Tensor | None = None,   # (N, H) extra copies of hard negatives, < 0 = padding
+    hard_log_w: float = 0.0,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of full-catalogue logits (`s` is not modified). Each hard id adds one
+    more copy of that item to the denominator with weight exp(hard_log_w)."""
+    if hard_ids is not None:
+        extra = s.gather(1, hard_ids.clamp(min=0)) + hard_log_w                # (N, H)
+        s = torch.cat([s, extra.masked_fill((hard_ids < 0) | (hard_ids == targets[:, None]), NEG_INF)], 1)
+    loss = torch.nn.functional.cross_entropy(s, targets, reduction="none")    # (N,)
+    if weight is None:
+        return loss.mean()
+    return (loss * weight).sum() / weight.sum().clamp(min=1e-12)
+
+
 def full_catalogue_nce(
     user: torch.Tensor,            # (N, d)
     items: torch.Tensor,           # (N_rows, d) every item; row 0 = padding, never a candidate
@@ -98,19 +134,10 @@ def full_catalogue_nce(
     bias: torch.Tensor | None = None,       # (N, N_rows) extra logit per candidate (e.g. lexical match)
 ) -> torch.Tensor:
     """`info_nce` with the whole catalogue as negatives and no in-batch columns, as one
-    dense cross-entropy (the fast path; tested equal to `info_nce`). Each hard id adds
-    one more copy of that item to the denominator with weight exp(hard_log_w)."""
-    s = user @ items.T / temperature                                           # (N, N_rows)
-    if bias is not None:
-        s = s + bias
-    s[:, 0] = NEG_INF
-    if hard_ids is not None:
-        extra = s.gather(1, hard_ids.clamp(min=0)) + hard_log_w                # (N, H)
-        s = torch.cat([s, extra.masked_fill((hard_ids < 0) | (hard_ids == targets[:, None]), NEG_INF)], 1)
-    loss = torch.nn.functional.cross_entropy(s, targets, reduction="none")    # (N,)
-    if weight is None:
-        return loss.mean()
-    return (loss * weight).sum() / weight.sum().clamp(min=1e-12)
+    dense cross-entropy (the fast path; tested equal to `info_nce`):
+    `catalogue_nce(catalogue_logits(...))`."""
+    return catalogue_nce(catalogue_logits(user, items, temperature=temperature, bias=bias), targets,
+                         hard_ids=hard_ids, hard_log_w=hard_log_w, weight=weight)
 
 
 def bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,14 @@ batches), a growing `ItemTable` and a replay buffer. Design choices:
   a training forward computes exactly what an eval-mode forward would, so a step's
   new windows are scored from that step's own forward (`Trainer.step(inspect=...)`,
   detached, before its update): test-then-train costs only the ranking ops, not a
-  second forward (a separate pass was ~28% of a step; `score_states` ranks 128
-  states at a time and adds the repeat logit in place, `add_repeat_`). Each chunk of
+  second forward (a separate pass was ~28% of a step). With full-catalogue negatives
+  the step's loss already holds each state's logits over every item - retrieval, item
+  bias and repeat logit (search: lexical channel), the same sums of the same floats as
+  `recommend_scores` / `search_scores` - and its ranking logits: the trainer hands
+  them to `inspect` (`scored`) and they are ranked as they are (scoring fell from ~15%
+  of a step to ~4%). Without them (sampled negatives, or a trainer that calls
+  `inspect(h, items)`) `score_states` computes the scores, 128 states at a time, the
+  repeat logit added in place (`UnifiedRecommender.add_repeat_scores_`). Each chunk of
   new windows is therefore scored by the model after the earlier steps of the same
   micro-batch - on other users' windows, and on older windows of the same user only:
   a user with more new events than one window holds has several windows, and
@@ -54,6 +60,12 @@ batches), a growing `ItemTable` and a replay buffer. Design choices:
   reservoir over all time: the stream drifts and old behaviour should fade).
   `max_steps_per_batch` caps the work per micro-batch under load; windows beyond
   it enter the buffer without a step of their own and are counted (`deferred`).
+  Not worth it on bench/online_vs_frozen.py (one run each from one checkpoint:
+  frozen 0.0861, online 0.0917): a buffer seeded with the newest 4,000 windows of
+  the checkpoint's training data 0.0910, no replay 0.0916, embedding tables at 4x /
+  10x `emb_lr_mult` 0.0918 / 0.0880, only the tables learning 0.0902, all but the
+  tables 0.0903. The last 30% is 85% new users' clicks and 1.3% new items' clicks;
+  what drifts is which items are popular (32 of its top 50 are the head's).
 * **New and stale ids.** Items get rows on first sight and lose them after
   `expire_after_s` of event time without an event (`vocab.ItemTable`); a reused
   row starts from a fresh embedding and zeroed optimiser moments. Users have no
@@ -77,7 +89,7 @@ import numpy as np
 import torch
 
 from unirec.model import metrics
-from unirec.model.batching import ITEM, History, _tokens, collate, windows
+from unirec.model.batching import History, _tokens, collate, event_tokens, windows
 from unirec.model.config import ModelConfig, OnlineConfig, TrainConfig
 from unirec.model.model import UnifiedRecommender
 from unirec.model.snapshot import history_from_columns, model_from_arrays
@@ -157,56 +169,54 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
     return ((scores >= t).sum(1, dtype=torch.int32) - 1 - pad.int()).long().numpy()   # the target is >= itself
 
 
-def add_repeat_(m: UnifiedRecommender, scores: torch.Tensor, batch: dict, flat: torch.Tensor) -> torch.Tensor:
-    """`scores + m.repeat_scores(batch, flat)`, bit for bit, written into `scores` (R, N_rows):
-    the repeat logit added once to each item a state's context window holds, through an
-    (R, T) gather/scatter instead of a dense (R, N_rows) seen matrix (~13x cheaper; the
-    dense one cost as much as the scores themselves). Row 0 (padding) is left alone."""
-    B, T = batch["type"].shape
-    b, t = flat // T, flat % T
-    visible = (torch.arange(T)[None, :] <= t[:, None]) & (batch["type"][b] == ITEM)   # (R, T)
-    idx = batch["item"][b] * visible                                                # 0 = not seen
-    w = m.repeat_logit / m.cfg.temperature
-    old = scores.gather(1, idx)
-    return scores.scatter_(1, idx, torch.where(idx > 0, old + w * 1.0, old))     # duplicates write one value
-
-
 @torch.no_grad()
 def score_states(m: UnifiedRecommender, batch: dict, h: torch.Tensor, items: torch.Tensor, sums: EvalSums,
-                 n: int | None = None, block: int = 128) -> None:
+                 n: int | None = None, block: int = 128, scored: dict | None = None) -> None:
     """Add the test-then-train figures of the first `n` rows of `batch` (all if None) to `sums`,
     from one forward's hidden states `h` (B, T, d) and item vectors `items` (N_rows, d).
 
     Next-item scores are `recommend_scores`' (offline evaluation, serving): retrieval plus
     the repeat logit on the items of the state's context window; search scores are
     `search_scores`' (dense query state plus the lexical channel); ranking probabilities
-    at the item tokens that carry a label. Scores are ranked `block` states at a time:
-    each (block, N_rows) matrix is built, shifted and compared while it is in cache (~1.5x
-    faster than one (states, N_rows) pass per step, measured on 1 thread)."""
+    at the item tokens that carry a label. `scored`: what `Trainer.losses` hands its
+    `inspect` - the training loss's own logits of the batch's rec and search positions
+    (full-catalogue negatives: the same sums of the same floats, so the same ranks) and its
+    ranking logits - ranked as they are instead of computed a second time; what it lacks
+    is computed here, `block` states at a time: each (block, N_rows) matrix is built,
+    shifted and compared while it is in cache (~1.5x faster than one (states, N_rows)
+    pass per step, measured on 1 thread)."""
     if n is not None and n < h.shape[0]:
         batch, h = {k: v[:n] for k, v in batch.items()}, h[:n]
     B, T, d = h.shape
     hf = h.reshape(B * T, d)
-    rec = batch["rec_target"].reshape(-1)
-    rows = (rec > 0).nonzero().squeeze(1)
-    for r in rows.split(block):
-        scores = m.retrieval_scores(m.user_vectors(hf[r]), items)
-        if m.cfg.repeat_bias:
-            scores = add_repeat_(m, scores, batch, r)
-        sums.add_ranks(target_ranks(scores, rec[r]), search=False)
-    srch = batch["search_target"].reshape(-1)
-    srows = (srch > 0).nonzero().squeeze(1)
-    for r in srows.split(block):
-        u = m.search_vectors(h, batch, r)            # late fusion: the state before the click + the query
-        scores = m.retrieval_scores(u, items)
-        if m.cfg.use_lexical:
-            scores = scores + m.lexical_scores(batch["query"].reshape(B * T, -1)[r])
-        sums.add_ranks(target_ranks(scores, srch[r]), search=True)
+    scored = scored or {}
+    for key, search in (("rec_target", False), ("search_target", True)):
+        target = batch[key].reshape(-1)
+        given = scored.get("search" if search else "rec", {})
+        if given.get("scores") is not None:          # the loss's rows: the whole batch's, in flat order
+            k = int((given["rows"] < B * T).sum())   # the first n rows' positions come first
+            sums.add_ranks(target_ranks(given["scores"][:k], target[given["rows"][:k]]), search=search)
+            continue
+        for r in (target > 0).nonzero().squeeze(1).split(block):
+            sums.add_ranks(target_ranks(_scores(m, batch, h, hf, items, r, search), target[r]), search=search)
     if m.cfg.use_feedback:
         mask = batch["rank_label"] >= 0
         if mask.any():
-            sums.probs += torch.sigmoid(m.rank_logits(h[mask])).tolist()
+            logits = scored["rank"][:B][mask] if scored.get("rank") is not None else m.rank_logits(h[mask])
+            sums.probs += torch.sigmoid(logits).tolist()
             sums.labels += batch["rank_label"][mask].tolist()
+
+
+def _scores(m: UnifiedRecommender, batch: dict, h: torch.Tensor, hf: torch.Tensor, items: torch.Tensor,
+            r: torch.Tensor, search: bool) -> torch.Tensor:
+    """(R, N_rows) evaluation scores of the rec (or search) states at flat positions `r`."""
+    if search:                                       # late fusion: the state before the click + the query
+        scores = m.retrieval_scores(m.search_vectors(h, batch, r), items)
+        if m.cfg.use_lexical:
+            scores = scores + m.lexical_scores(batch["query"].reshape(hf.shape[0], -1)[r])
+        return scores
+    scores = m.retrieval_scores(m.user_vectors(hf[r]), items)
+    return m.add_repeat_scores_(scores, batch, r) if m.cfg.repeat_bias else scores
 
 
 def in_user_order(chunks: list[list[int]], owners: Sequence) -> list[list[int]]:
@@ -235,7 +245,7 @@ def weighter_arrays(w) -> dict[str, np.ndarray]:
     resumed learner weighs its losses as the one that published, not from scratch."""
     out = {"weighter.step": np.array([w.step], dtype=np.int64)}
     for name in _WEIGHTER:
-        d = getattr(w, name)
+        d = getattr(w, name, {})
         if all(t in d for t in w.tasks):
             out[f"weighter.{name}"] = np.array([d[t] for t in w.tasks], dtype=np.float64)
     return out
@@ -330,9 +340,11 @@ class OnlineLearner:
         for start, end, loss_from in windows(n, self.mc.max_len):
             if end <= first_new:
                 break
-            lf = max(loss_from, first_new)
-            out.append(_tokens(h.slice(start, end), lf - start, self.mc.use_queries, self.mc.use_feedback,
-                               feedback_tokens=self.mc.feedback_tokens))
+            lf, w = max(loss_from, first_new), h.slice(start, end)
+            if self.mc.feedback_tokens:
+                out.append(_tokens(w, lf - start, self.mc.use_queries, self.mc.use_feedback, feedback_tokens=True))
+            else:
+                out.append(event_tokens(w, lf - start, self.mc.use_queries, self.mc.use_feedback))
         return out[::-1]
 
     def _sync_table(self) -> dict:
@@ -440,7 +452,8 @@ class OnlineLearner:
             batch = collate(fresh + replay)
             inspect = None
             if score is not None and c < first_pass:
-                inspect = lambda h, items, b=batch, n=len(fresh): score_states(self.model, b, h, items, score, n)
+                inspect = lambda h, items, scored=None, b=batch, n=len(fresh): score_states(
+                    self.model, b, h, items, score, n, scored=scored)
             logs.append(self.trainer.step(batch, inspect=inspect))
         if self.cfg.replay_buffer:
             self.buffer.extend(lists)

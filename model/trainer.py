@@ -105,16 +105,19 @@ class Trainer:
         return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
     # ---- one update -----------------------------------------------------------------------
-    def _retrieval(self, u, targets, items, hard_ids=None, weight=None, lexical=None):
-        """InfoNCE of states u (N, d) against target rows (N,), per the negatives setting."""
+    def _retrieval(self, u, targets, items, hard_ids=None, weight=None, lexical=None, keep=None):
+        """InfoNCE of states u (N, d) against target rows (N,), per the negatives setting.
+        `keep` (a dict), with `all` negatives: receives the (N, N_rows) logits, detached, as "scores"."""
         if self.cfg.negatives == "all":
             # every item is in the denominator once already: a hard negative adds (w - 1) more
             extra = self.cfg.enhancer.hard_weight - 1.0
             bias = self.model.item_bias()                    # free rows of a growing table never compete
-            return losses.full_catalogue_nce(u, items, targets, temperature=self.model.cfg.temperature,
-                                             hard_ids=hard_ids if extra > 0 else None,
-                                             hard_log_w=math.log(max(extra, 1e-12)), weight=weight,
-                                             bias=bias if lexical is None else lexical + bias)
+            s = losses.catalogue_logits(u, items, temperature=self.model.cfg.temperature,
+                                        bias=bias if lexical is None else lexical + bias)
+            if keep is not None:
+                keep["scores"] = s.detach()
+            return losses.catalogue_nce(s, targets, hard_ids=hard_ids if extra > 0 else None,
+                                        hard_log_w=math.log(max(extra, 1e-12)), weight=weight)
         live = self.model.item_live.nonzero().squeeze(1)
         neg_ids = live[torch.randint(0, len(live), (self.cfg.n_negatives,), generator=self.gen)]
         p = self.item_counts / self.item_counts.sum()
@@ -127,18 +130,18 @@ class Trainer:
                                hard_log_w=math.log(self.cfg.enhancer.hard_weight), weight=weight)
 
     def losses(self, batch: dict, inspect: Callable | None = None) -> dict[str, torch.Tensor]:
-        """Per-task losses (with graphs) for one batch. `inspect(h, items)`, if given, sees
-        this forward's hidden states and item vectors (detached, no grad) before any update:
-        online test-then-train scores fresh windows off the training pass (model/online.py)."""
+        """Per-task losses (with graphs) for one batch. `inspect(h, items, scored)`, if given,
+        sees this forward's hidden states and item vectors and the loss's own scores (all
+        detached, no grad) before any update: online test-then-train scores fresh windows off
+        the training pass (model/online.py). `scored`: "rec" / "search" = {"rows": flat
+        positions, "scores": (rows, N_rows) logits (`all` negatives only)}, "rank" = (B, T) logits."""
         m = self.model
         vec = m.item_vectors()                                                   # once per step
         h, _ = m(batch, item_vec=vec)                                            # (B, T, d)
         B, T, d = h.shape
         hf = h.reshape(B * T, d)
         items = m.item_embeddings(vec)                                           # (N_rows, d)
-        if inspect is not None:
-            with torch.no_grad():
-                inspect(h.detach(), items.detach())
+        scored = {"rec": {}, "search": {}} if inspect is not None else None
         rec_t = batch["rec_target"].reshape(-1)
         rows = (rec_t > 0).nonzero().squeeze(1)
         hard_ids, soft = None, None
@@ -152,7 +155,8 @@ class Trainer:
                 soft = e
         u = m.user_vectors(hf[rows])
         rep = m.repeat_scores(batch, rows) if m.cfg.repeat_bias else None
-        ret = self._retrieval(u, rec_t[rows], items, hard_ids, lexical=rep)
+        ret = self._retrieval(u, rec_t[rows], items, hard_ids, lexical=rep,
+                              keep=None if scored is None else scored["rec"])
         out = {"rec": ret.detach()}
         if soft is not None and len(soft.soft_rows):
             srep = m.repeat_scores(batch, soft.soft_rows) if m.cfg.repeat_bias else None
@@ -168,14 +172,22 @@ class Trainer:
             lex = None
             if m.cfg.use_lexical and self.cfg.negatives == "all":
                 lex = m.lexical_scores(batch["query"].reshape(B * T, -1)[srows])        # (S, N_rows)
-            sl = self._retrieval(m.search_vectors(h, batch, srows), srch_t[srows], items, lexical=lex)
+            sl = self._retrieval(m.search_vectors(h, batch, srows), srch_t[srows], items, lexical=lex,
+                                 keep=None if scored is None else scored["search"])
             out["search"] = sl.detach()
             ret = ret + self.cfg.search_weight * sl
         out["retrieval"] = ret
         if self.has_ranking:
             mask = batch["rank_label"] >= 0
-            out["ranking"] = losses.hybrid_rank_loss(m.rank_logits(h), batch["rank_label"].clamp(min=0), mask,
+            logits = m.rank_logits(h)                                            # (B, T)
+            out["ranking"] = losses.hybrid_rank_loss(logits, batch["rank_label"].clamp(min=0), mask,
                                                      self.cfg.rank_alpha)
+            if scored is not None:
+                scored["rank"] = logits.detach()
+        if inspect is not None:
+            scored["rec"]["rows"], scored["search"]["rows"] = rows, srows
+            with torch.no_grad():
+                inspect(h.detach(), items.detach(), scored)
         return out
 
     def step(self, batch: dict, inspect: Callable | None = None) -> dict[str, float]:

@@ -207,10 +207,10 @@ def test_lexical_channel_finds_the_item_whose_title_was_typed():
 
 
 def test_lexical_index_rows_are_unit_idf_vectors():
-    from unirec.model.model import lexical_index
+    from unirec.model.sparse import csr, lexical_index
     pieces = torch.tensor([[0, 0], [1, 2], [2, 2], [3, 0]])
     idf, lex = lexical_index(pieces, 5)
-    dense = lex.to_dense()
+    dense = csr(*lex).to_dense()
     assert dense[0].abs().sum() == 0
     assert torch.allclose(dense[1:].norm(dim=1), torch.ones(3))
     assert idf[2] < idf[1] == idf[3]          # piece 2 is in two items, 1 and 3 in one
@@ -232,7 +232,7 @@ def test_item_vectors_are_id_plus_mean_text_pieces_with_matching_gradients():
 
 def test_lexical_scores_are_scaled_cosines_of_idf_weighted_piece_bags():
     """The CSR fast path against the plain dense cosine, including repeated and padding pieces."""
-    from unirec.model.model import lexical_index
+    from unirec.model.sparse import csr, lexical_index
     m = _model()
     pieces = torch.tensor([[5, 5, 17, 0], [m.item_pieces[3, 0].item(), 0, 0, 0], [0, 0, 0, 0]])
     idf, lex = lexical_index(m.item_pieces, 300)
@@ -242,7 +242,7 @@ def test_lexical_scores_are_scaled_cosines_of_idf_weighted_piece_bags():
             q[r, p] += float(p > 0)
     q = q * idf
     q = q / q.norm(dim=1, keepdim=True).clamp(min=1e-12)
-    expected = m.lex_scale.detach() * q @ lex.to_dense().T
+    expected = m.lex_scale.detach() * q @ csr(*lex).to_dense().T
     got = m.lexical_scores(pieces)
     assert torch.allclose(got, expected, atol=1e-5) and (got[1] > 0).any() and (got[2] == 0).all()
     got.sum().backward()

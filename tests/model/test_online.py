@@ -315,7 +315,7 @@ def test_repeat_logit_added_in_place_equals_the_models_repeat_scores():
     scores[:, 0] = float("-inf")
     with torch.no_grad():
         want = scores + lr.model.repeat_scores(batch, flat)
-    got = online.add_repeat_(lr.model, scores.clone(), batch, flat)
+    got = lr.model.add_repeat_scores_(scores.clone(), batch, flat)
     assert torch.equal(got, want) and not torch.equal(want, scores)
 
 
@@ -338,3 +338,71 @@ def test_search_figures_rank_as_search_scores_does():
     assert got["eval_search_events"] == len(ranks) == 3 * 2
     assert got["search_ndcg@10"] == pytest.approx(np.where(ranks < 10, 1.0 / np.log2(ranks + 2.0), 0.0).mean())
     assert got["search_recall@10"] == pytest.approx((ranks < 10).mean())
+
+
+def test_event_tokens_equal_batchings_token_lists():
+    from unirec.model.batching import History, _tokens, event_tokens
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(0, 10))
+        queries = [None if rng.random() < 0.6 else [int(x) for x in rng.integers(1, 50, rng.integers(0, 4))]
+                   for _ in range(n)]                        # includes [] (a query without pieces)
+        h = History(rng.integers(1, 30, n), rng.integers(0, 2, n), np.sort(rng.integers(0, 10**6, n)),
+                    rng.integers(0, 2, n), queries)
+        for loss_from in range(n + 1):
+            for use_queries in (True, False):
+                for use_feedback in (True, False):
+                    fast = event_tokens(h, loss_from, use_queries, use_feedback)
+                    fast["query"] = [list(q) for q in fast["query"]]          # () for "no query", as []
+                    assert fast == _tokens(h, loss_from, use_queries, use_feedback)
+
+
+def _fresh_and_replayed(lr):
+    """A trained learner's collated batch: 4 fresh windows (with searches and repeated items),
+    then 3 others, as a step's fresh + replayed windows."""
+    lr.process([example(u, [(u + k) % 12 + 1 for k in range(10)], 10**9, search_every=3) for u in range(6)])
+    with torch.no_grad():
+        lr.model.repeat_logit.fill_(0.1)
+    exs = [example(u, [(u + k // 2) % 5 + 1 for k in range(9)], 10**9 + DAY, search_every=2) for u in range(7)]
+    return online.collate([w for e in exs for w in lr._windows(lr._history(e), e.n_new)]), 4
+
+
+def test_scores_handed_over_by_the_loss_rank_as_scores_computed_for_evaluation():
+    """The loss's full-catalogue logits (item bias + repeat logit; search: + lexical channel)
+    are the evaluation's scores: ranking them gives the figures computing them again does."""
+    from unirec.model import losses
+    lr = learner()
+    batch, n = _fresh_and_replayed(lr)
+    m, temp = lr.model, MC.temperature
+    with torch.no_grad():
+        h, _ = m(batch)
+        items = m.item_embeddings()
+        B, T, d = h.shape
+        rows = (batch["rec_target"].reshape(-1) > 0).nonzero().squeeze(1)
+        srows = (batch["search_target"].reshape(-1) > 0).nonzero().squeeze(1)
+        rec = losses.catalogue_logits(m.user_vectors(h.reshape(B * T, d)[rows]), items, temperature=temp,
+                                      bias=m.repeat_scores(batch, rows) + m.item_bias())
+        lex = m.lexical_scores(batch["query"].reshape(B * T, -1)[srows])
+        srch = losses.catalogue_logits(m.search_vectors(h, batch, srows), items, temperature=temp,
+                                       bias=lex + m.item_bias())
+    scored = {"rec": {"rows": rows, "scores": rec}, "search": {"rows": srows, "scores": srch},
+              "rank": m.rank_logits(h).detach()}
+    given, computed = online.EvalSums(), online.EvalSums()
+    online.score_states(m, batch, h, items, given, n, scored=scored)
+    online.score_states(m, batch, h, items, computed, n)
+    assert given.rec_n == computed.rec_n > 0 and given.search_n == computed.search_n > 0
+    assert given.rec_n < len(rows) and given.search_n < len(srows)         # the replayed rows are left out
+    assert (given.hits, given.ndcg, given.search_hits, given.search_ndcg) == (
+        computed.hits, computed.ndcg, computed.search_hits, computed.search_ndcg)
+    assert np.allclose(given.probs, computed.probs, atol=1e-6) and given.labels == computed.labels
+
+
+def test_the_trainer_hands_its_own_scores_to_test_then_train():
+    lr = learner()
+    batch, n = _fresh_and_replayed(lr)
+    seen = []
+    lr.trainer.losses(batch, inspect=lambda h, items, scored=None: seen.append(scored))
+    if seen[0] is None:
+        pytest.skip("this Trainer does not hand its loss scores to inspect (model/trainer.py)")
+    assert seen[0]["rec"]["scores"].shape == (len(seen[0]["rec"]["rows"]), lr.model.item_live.shape[0])
+    assert not seen[0]["rec"]["scores"].requires_grad and seen[0]["rank"].shape == batch["type"].shape
