@@ -32,7 +32,9 @@ Each neural variant gets the same training budget: `--budget` seconds
 (default 100: seven variants + evaluation fit in ~15 min on 2 cores, one
 torch thread each) or, for equal compute whatever the CPU load, `--steps`
 optimiser steps; cosine learning-rate decay over the budget, early stopping
-within it. The last stdout line is one JSON object.
+within it. The last stdout line is one JSON object; stderr also logs each
+variant's validation NDCG@10 and AUC, the only figures a choice between
+settings may use (`--seed` changes the training seed, to see the run-to-run spread).
 """
 from __future__ import annotations
 
@@ -92,6 +94,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None,
                     help="optimiser steps per neural variant (equal compute whatever the CPU load)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--seed", type=int, default=None, help="training seed (run-to-run spread; default: config)")
     args = ap.parse_args(argv)
     cfg = load_config(args.config) if Path(args.config).is_file() else None
     from unirec.settings import PipelineConfig
@@ -100,7 +103,7 @@ def main(argv=None) -> int:
     budget = args.budget if args.budget is not None else (20.0 if args.quick else tc.time_budget_s or 100.0)
     steps = args.steps if args.steps is not None else tc.max_steps
     tc = dataclasses.replace(tc, time_budget_s=0.0 if steps else budget, max_steps=steps,
-                             epochs=2 if args.quick else tc.epochs)
+                             epochs=2 if args.quick else tc.epochs, seed=tc.seed if args.seed is None else args.seed)
     offline.tune_malloc()
     torch.set_num_threads(tc.threads)
     t0 = time.perf_counter()
@@ -117,7 +120,11 @@ def main(argv=None) -> int:
         model, info = offline.train(ds, vm, vt, log=log)
         out = offline.evaluate(model, ds, ranking=vm.use_feedback, search=name != "retrieval_only")
         models[name] = row(out | {"train_seconds": info["seconds"]})
-        log(f"{name}: {json.dumps(models[name])} (epochs {info['epochs']}, steps {info['steps']})")
+        valid = {"ndcg@10": info["best_valid"]}              # what a choice between settings may use
+        if vm.use_feedback:                                   # (GAUC needs two held-out clicks per user)
+            valid["auc"] = offline.ranking_metrics(model, ds, ds.valid)["auc"]
+        log(f"{name}: {json.dumps(models[name])} (epochs {info['epochs']}, steps {info['steps']}, "
+            f"validation {json.dumps({k: round(float(v), 4) for k, v in valid.items()})})")
     result = {"dataset": "ml-100k", "protocol": "RecBole LS valid_and_test, TO, full ranking, seen items unmasked",
               "budget_s_per_variant": None if steps else budget, "steps_per_variant": steps or None,
               "threads": tc.threads,
