@@ -30,9 +30,11 @@ exposure thread, each its own profile) and writes the three tables to FILE when 
 
 Last stdout line: {"qps", "p50_ms", "p99_ms", "errors", ...details}; the details include
 the server's CPU time per measured request (less dependent on what else runs on the
-machine), the server-side latency quantiles (upper bound of their histogram bucket:
-arrival at the inference queue to answer), the mean number of requests answered per
-model pass, and the 1-minute load average (the machine is shared: latency is not).
+machine), split by thread ("main" is the event loop; the largest other one is the
+inference thread) and the share of it spent in the kernel, the server-side latency
+quantiles (upper bound of their histogram bucket: arrival at the inference queue to
+answer), the mean number of requests answered per model pass, and the 1-minute load
+average (the machine is shared: latency is not).
 """
 from __future__ import annotations
 
@@ -181,10 +183,23 @@ async def sweep(port: int, users: list[str], parallel: int = 2) -> None:
         w.close()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(stat: Path) -> tuple[float, float]:
+    """(user + system, system) CPU seconds so far of the process or thread whose /proc stat
+    file this is (Linux)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    user, system = (int(f) / os.sysconf("SC_CLK_TCK") for f in fields[11:13])
+    return user + system, system
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds so far per thread of a process: {"main": .., "<thread id>": ..}."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out["main" if task.name == str(pid) else task.name] = cpu_seconds(task / "stat")[0]
+        except (FileNotFoundError, ProcessLookupError):   # a thread that ended meanwhile
+            pass
+    return out
 
 
 def scrape(port: int) -> dict:
@@ -304,9 +319,11 @@ def main() -> None:
         asyncio.run(sweep(port, users))
         asyncio.run(load(port, users, args.rate, args.warmup, args.connections, seed=1))
         before = scrape(port)
-        t, cpu = time.perf_counter(), cpu_seconds(server.pid)
+        stat = Path(f"/proc/{server.pid}/stat")
+        t, cpu0, threads = time.perf_counter(), cpu_seconds(stat), thread_cpu_seconds(server.pid)
         res = asyncio.run(load(port, users, args.rate, args.duration, args.connections, seed=2))
-        wall, cpu = time.perf_counter() - t, cpu_seconds(server.pid) - cpu
+        wall, (cpu, sys_cpu) = time.perf_counter() - t, (a - b for a, b in zip(cpu_seconds(stat), cpu0))
+        threads = {k: v - threads.get(k, 0.0) for k, v in thread_cpu_seconds(server.pid).items()}
         time.sleep(0.5)
         counters = scrape(port)
     finally:
@@ -329,6 +346,9 @@ def main() -> None:
                       "cache": not args.no_cache, "cache_hit_ratio": round(hits / max(1, hits + misses), 3),
                       "exposures": {k[10:]: v for k, v in counters.items() if k.startswith("exposures_")},
                       "server_cpu_ms_per_request": round(1000 * cpu / len(res), 3), "users": len(users),
+                      "server_system_cpu_share": round(sys_cpu / max(cpu, 1e-9), 3),
+                      "server_thread_cpu_ms_per_request": {k: round(1000 * v / len(res), 3) for k, v in sorted(
+                          threads.items(), key=lambda kv: -kv[1]) if v > 0},
                       "server_p50_ms_le": server_quantile(before, counters, 0.5),
                       "server_p99_ms_le": server_quantile(before, counters, 0.99),
                       "mean_batch": round((counters.get("sum", 0) - before.get("sum", 0)) / max(1, batches), 2),

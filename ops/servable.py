@@ -37,10 +37,18 @@ once into plain tensors (`_layers`; calling `nn.Module`s cost more than the ops)
 rotary positions are x cos + roll(x) sin with the sign folded into sin (4 ops per
 call instead of `positions.apply_rotary`'s 9, same floats), one unpadded row skips
 the state-token gather and mask, and re-ranking gathers all rows' top-k at once.
+Token embeddings come from two tables built once per version (`_inputs`: item
+vectors with a zero row for padding, and the 7 possible sums of type + surface +
+previous label) plus one embedding bag for query pieces: 3 lookups instead of
+`model.embed`'s ~30 ops (same terms, summed in another order: floats differ in the
+last bits). The repeat logit is added to the few window items of each row by one
+scatter instead of a dense (B, N_rows) seen matrix (same floats).
 Measured (min of 25 x 20 calls, thread CPU, ML-100k users, load ~6):
-`recommend_many` 2.80 -> 2.44 ms per pass for one request, 5.67 -> 5.17 for four.
-What is left is mostly compute (four 50-token layers ~0.15 ms each) and the
-model's own token building (`model._context`, `model.embed`).
+`recommend_many` 2.80 -> 2.44 ms per pass for one request, 5.67 -> 5.17 for four;
+then tables, scatter and `model.batching`'s column copy (min of 15 x 100 passes
+interleaved with the previous code, load ~5): 2.39 -> 2.10 ms for one request,
+4.75 -> 4.48 for four. What is left is mostly compute (19 small matmuls, 4
+attentions, 5 GELUs per pass) and ~240 dispatched ops of ~3 us each.
 
 `ModelHolder` loads versions off the request path and `View` is what one request
 reads (see "Hot swap" in `unirec.ops.serving`). `ListCache` is the LRU of ranked lists per (version, user, exclude_seen), valid
@@ -60,7 +68,7 @@ import torch
 import torch.nn.functional as F
 
 from unirec.model import positions
-from unirec.model.batching import ITEM, History, query_tensor
+from unirec.model.batching import ITEM, PAD, History, query_tensor
 
 if TYPE_CHECKING:
     from unirec.ops.experiments import Experiment
@@ -99,6 +107,49 @@ def _layers(model) -> list[_Layer]:
     return layers
 
 
+class _Inputs(NamedTuple):
+    """Input-token constants of a loaded version in the one-token-per-event layout (`_embed`)."""
+    items: torch.Tensor        # (N_rows + 1, d) the model's item vectors, then a zero row for padding tokens
+    tokens: torch.Tensor       # (7, d) row 3 s + p + 1: type ITEM + surface s + label p of the previous
+                               # event (p = -1: none, or the model has no labels on tokens); row 6: type PAD
+
+
+def _one_token_layout(model) -> bool:
+    return not (model.cfg.use_feedback and model.cfg.feedback_tokens)
+
+
+def _inputs(model) -> _Inputs:
+    """The input tables (built once per model and kept on it: a loaded version's weights
+    never change)."""
+    t = model.__dict__.get("_serving_inputs")
+    if t is None:
+        with torch.no_grad():
+            iv = model.item_vectors()
+            kind, surface, label = model.type_emb.weight, model.surface_emb.weight, model.label_emb.weight
+            prev = model.cfg.use_feedback and not model.cfg.feedback_tokens
+            rows = [kind[ITEM] + surface[s] + (label[p] if prev and p >= 0 else 0) for s in (0, 1) for p in (-1, 0, 1)]
+            t = _Inputs(torch.cat([iv, iv.new_zeros(1, iv.shape[1])]), torch.stack([*rows, kind[PAD]]))
+        model.__dict__["_serving_inputs"] = t
+    return t
+
+
+def _embed(model, batch: dict) -> torch.Tensor:
+    """`model.embed(batch, model.item_vectors())` (B, T, d) in 3 lookups: item vector (zero for
+    padding) + one table row for the token's type, surface and previous label + the mean of its
+    query pieces (0 for a token without any). Same terms as the model's, summed in another order."""
+    if not _one_token_layout(model):
+        return model.embed(batch, model.item_vectors())
+    t = _inputs(model)
+    pad = batch["type"] == PAD
+    x = F.embedding(batch["item"].masked_fill(pad, t.items.shape[0] - 1), t.items) + \
+        F.embedding((batch["surface"] * 3 + batch["prev_label"] + 1).masked_fill(pad, 6), t.tokens)
+    if model.cfg.use_queries:
+        B, T, Lq = batch["query"].shape
+        x = x + F.embedding_bag(batch["query"].view(B * T, Lq), model.piece_emb.weight, mode="mean",
+                                padding_idx=0).view(B, T, -1)
+    return x
+
+
 def _rotation(angles: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, signed sin), each (B, 1, T, D) for float64 angles (B, T, D/2): with them,
     `positions.apply_rotary(x)` is x * cos + roll(x, D/2) * sin (4 ops instead of 9, same
@@ -112,7 +163,7 @@ def _qkv(layer: _Layer, x, cos, sin):
     its layer norm); queries and keys are rotated together."""
     B, T, C = x.shape
     H = layer.heads
-    qkv = F.linear(F.layer_norm(x, *layer.ln1), *layer.qkv).view(B, T, 3 * H, C // H).transpose(1, 2)  # (B, 3H, T, D)
+    qkv = F.linear(torch.layer_norm(x, *layer.ln1), *layer.qkv).view(B, T, 3 * H, C // H).transpose(1, 2)  # B,3H,T,D
     qk = qkv[:, : 2 * H]
     qk = qk * cos + qk.roll(C // H // 2, -1) * sin
     return qk[:, :H], qk[:, H:], qkv[:, 2 * H:]
@@ -122,14 +173,14 @@ def _attend_and_mlp(layer: _Layer, x, y):
     """The rest of `Block.forward` after attention: x (B, T, d) + proj(y), then + mlp."""
     B, _, T, _ = y.shape
     x = x + F.linear(y.transpose(1, 2).reshape(B, T, x.shape[-1]), *layer.proj)
-    return x + F.linear(F.gelu(F.linear(F.layer_norm(x, *layer.ln2), *layer.fc1), approximate=layer.gelu),
+    return x + F.linear(F.gelu(F.linear(torch.layer_norm(x, *layer.ln2), *layer.fc1), approximate=layer.gelu),
                         *layer.fc2)
 
 
 def state_and_cache(model, batch: dict, pos: torch.Tensor) -> tuple[torch.Tensor, list]:
     """(final hidden state (B, d) at token `pos` (B,) of each row, [(keys, values) (B, H, T, D)
     of every layer]). The state equals `model(batch)[0][arange(B), pos]`."""
-    x = model.embed(batch, model.item_vectors())                                     # (B, T, d)
+    x = _embed(model, batch)                                                         # (B, T, d)
     cos, sin = _rotation(positions.rotary_angles(batch["index"], batch["ts"], model.index_freq,
                                                  model.time_freq), x.dtype)
     B, T, _ = x.shape
@@ -148,18 +199,18 @@ def state_and_cache(model, batch: dict, pos: torch.Tensor) -> tuple[torch.Tensor
             y = F.scaled_dot_product_attention(q[rows, :, pos][:, :, None], k, v, attn_mask=sees)  # (B, H, 1, D)
             x = x[rows, pos][:, None]                                                # (B, 1, d)
         x = _attend_and_mlp(layer, x, y)
-    return F.layer_norm(x[:, 0], *_ln(model.ln_f)), cache
+    return torch.layer_norm(x[:, 0], *_ln(model.ln_f)), cache
 
 
 def _candidate_tokens(model, batch: dict, prefix: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     """Input embeddings (B, C, d) of candidate item tokens, as `model.forward` builds them: item
     vector + item type + rec surface (+ the label of the prefix's last event when labels ride
     on the next event's token instead of a feedback token of their own)."""
-    x = model.item_vectors()[items] + (model.type_emb.weight[ITEM] + model.surface_emb.weight[0])
-    if model.cfg.use_feedback and not getattr(model.cfg, "feedback_tokens", True):
+    if _one_token_layout(model):        # the `_inputs` row of surface rec and that label
+        t = _inputs(model)
         last = batch["label"].gather(1, (prefix - 1).clamp(min=0)[:, None])           # (B, 1)
-        x = x + model.label_emb.weight[last] * (prefix > 0)[:, None, None]
-    return x
+        return F.embedding(items, t.items) + F.embedding(torch.where(prefix[:, None] > 0, last + 1, 0), t.tokens)
+    return model.item_vectors()[items] + (model.type_emb.weight[ITEM] + model.surface_emb.weight[0])
 
 
 def candidate_hidden(model, cache: list, batch: dict, prefix: torch.Tensor, items: torch.Tensor,
@@ -179,7 +230,14 @@ def candidate_hidden(model, cache: list, batch: dict, prefix: torch.Tensor, item
         q, k, v = _qkv(layer, x, cos, sin)
         y = F.scaled_dot_product_attention(q, torch.cat([kh, k], 2), torch.cat([vh, v], 2), attn_mask=sees)
         x = _attend_and_mlp(layer, x, y)
-    return F.layer_norm(x, *_ln(model.ln_f))
+    return torch.layer_norm(x, *_ln(model.ln_f))
+
+
+def _rank_logits(model, h: torch.Tensor) -> torch.Tensor:
+    """`model.rank_logits(h)` on the head's weights as plain tensors (see `_Layer`)."""
+    first, act, second = model.rank_head
+    return F.linear(F.gelu(F.linear(h, first.weight, first.bias), approximate=act.approximate),
+                    second.weight, second.bias).squeeze(-1)
 
 
 # ---------------------------------------------------------------- the servable version
@@ -197,6 +255,13 @@ class Servable:
         self.pos = {iid: j for j, iid in enumerate(self.ids)}
         self.emb = torch.as_tensor(np.asarray(snap.item_embeddings), dtype=torch.float32)   # (N, d)
         self.rows = torch.as_tensor(snap.table.rows(self.ids), dtype=torch.int64)           # (N,) model rows
+        # model row -> published column (-1: none; row 0, the unknown item, never has one)
+        rows = self.rows.numpy()
+        self.col_of_row = np.full(max(m.item_emb.num_embeddings, rows.max(initial=0) + 1), -1)
+        self.col_of_row[rows] = np.arange(len(rows))
+        self.col_of_row[0] = -1
+        with torch.no_grad():
+            self.repeat_w = (m.repeat_logit / m.cfg.temperature).detach()   # as `model.repeat_scores` weighs it
         self.popularity: np.ndarray | None = None    # (N,), filled lazily by the service
         self.one_pass = True
         self.one_pass = self.one_pass_agrees()       # else: the model's own two passes (slower, same answers)
@@ -220,8 +285,19 @@ class Servable:
         state, cache = state_and_cache(m, batch, last)
         logits = m.user_vectors(state) @ self.emb.T / m.cfg.temperature
         if m.cfg.repeat_bias:
-            logits = logits + m.repeat_scores(batch, torch.arange(len(hs)) * batch["type"].shape[1] + last)[:, self.rows]
+            self._add_repeat(logits, hs)
         return logits, self._probs(batch, cache, batch["length"])
+
+    def _add_repeat(self, logits: torch.Tensor, hs: list[History]) -> None:
+        """`logits += model.repeat_scores(...)[:, self.rows]` in place: the repeat weight added once
+        to each published item of a row's context window (a scatter of a few columns instead of
+        a dense (B, N_rows) seen matrix; the same floats: logit + w)."""
+        L = self.model.cfg.max_len
+        cols = [np.unique(self.col_of_row[h.items[-L:]]) for h in hs]
+        b, c = np.repeat(np.arange(len(hs)), [len(x) for x in cols]), np.concatenate(cols)
+        keep = c >= 0
+        b, c = torch.from_numpy(b[keep]), torch.from_numpy(c[keep])
+        logits.index_put_((b, c), logits[b, c] + self.repeat_w)
 
     def _search_scores(self, hs: list[History], pieces: list[list[int]], query_ts: list[int]):
         m = self.model
@@ -244,8 +320,8 @@ class Servable:
     def _probs(self, batch, cache, prefix):
         """P(positive) of candidates after the first `prefix` tokens, at the last event's time."""
         ts = batch["ts"][torch.arange(len(prefix)), (prefix - 1).clamp(min=0)]
-        return lambda rows: torch.sigmoid(self.model.rank_logits(
-            candidate_hidden(self.model, cache, batch, prefix, rows, ts)))
+        return lambda rows: torch.sigmoid(_rank_logits(self.model, candidate_hidden(self.model, cache, batch,
+                                                                                   prefix, rows, ts)))
 
     @torch.inference_mode()
     def one_pass_agrees(self, tol: float = 1e-4) -> bool:
@@ -296,12 +372,16 @@ class Servable:
     def recommend_many(self, seqs: list, ks: list[int], exclude_seen: list[bool]) -> list[tuple[list, list]]:
         """(items, scores) per non-empty sequence: `recommend_scores`, re-ranked."""
         logits, probs = self._recommend_scores([self.history(s) for s in seqs])
-        seen = [[self.pos[i] for i in set(s.item_ids) if i in self.pos] if excl else []
-                for s, excl in zip(seqs, exclude_seen)]
-        if any(seen):
-            b = torch.tensor([b for b, cols in enumerate(seen) for _ in cols])
-            logits.index_put_((b, torch.tensor([j for cols in seen for j in cols])), torch.tensor(-math.inf))
-        return self._rerank(logits, probs, ks, [len(cols) for cols in seen])
+        rows, cols, excluded = [], [], []
+        for b, (s, excl) in enumerate(zip(seqs, exclude_seen)):
+            seen = set(map(self.pos.get, s.item_ids)) if excl else set()
+            seen.discard(None)                   # items this version does not know
+            rows += [b] * len(seen)
+            cols += seen
+            excluded.append(len(seen))
+        if cols:
+            logits.index_put_((torch.tensor(rows), torch.tensor(cols)), torch.tensor(-math.inf))
+        return self._rerank(logits, probs, ks, excluded)
 
     def recommend(self, seq, k: int, exclude_seen: bool) -> tuple[list[str], list[float]]:
         return self.recommend_many([seq], [k], [exclude_seen])[0]

