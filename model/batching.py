@@ -177,17 +177,28 @@ def event_tokens(h: History, loss_from: int, use_queries: bool, use_feedback: bo
 _COLLATED = ("type", "item", "label", "prev_label", "surface", "ts", "rec_target", "search_target", "rank_label")
 
 
-def collate(token_lists: list[dict[str, list]], ts_override: list | None = None) -> dict[str, torch.Tensor]:
+def _padded(B: int, T: int, Lq: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Empty (B, T) token arrays (type PAD, no labels), (B, T, Lq) query pieces and (B,) lengths,
+    filled with numpy (one copy per key when they become tensors)."""
+    arr = {k: np.zeros((B, T), dtype=np.int64) for k in _COLLATED}
+    arr["type"][:], arr["rank_label"][:], arr["prev_label"][:] = PAD, -1, -1
+    return arr, np.zeros((B, T, Lq), dtype=np.int64), np.zeros(B, dtype=np.int64)
+
+
+def _tensors(arr: dict, query: np.ndarray, length: np.ndarray) -> dict[str, torch.Tensor]:
+    B, T = length.shape[0], query.shape[1]
+    out = {k: torch.from_numpy(v) for k, v in arr.items()}
+    out["index"] = torch.arange(T).expand(B, T).clone()
+    out["query"], out["length"] = torch.from_numpy(query), torch.from_numpy(length)
+    return out
+
+
+def collate(token_lists: list[dict[str, list]]) -> dict[str, torch.Tensor]:
     """Pad token lists on the right into a batch of (B, T) tensors (+ query pieces (B, T, Lq))."""
     B = len(token_lists)
     T = max(1, max(len(t["type"]) for t in token_lists))
     Lq = max([1] + [len(q) for t in token_lists for q in t["query"]])
-    arr = {k: np.zeros((B, T), dtype=np.int64) for k in _COLLATED}  # filled with numpy: one copy per key
-    arr["type"][:] = PAD
-    arr["rank_label"][:] = -1
-    arr["prev_label"][:] = -1
-    query = np.zeros((B, T, Lq), dtype=np.int64)
-    length = np.zeros(B, dtype=np.int64)
+    arr, query, length = _padded(B, T, Lq)
     for b, t in enumerate(token_lists):
         n = len(t["type"])
         length[b] = n
@@ -198,10 +209,7 @@ def collate(token_lists: list[dict[str, list]], ts_override: list | None = None)
         for j, q in enumerate(t["query"]):
             if q:
                 query[b, j, : len(q)] = q
-    out = {k: torch.from_numpy(v) for k, v in arr.items()}
-    out["index"] = torch.arange(T).expand(B, T).clone()
-    out["query"], out["length"] = torch.from_numpy(query), torch.from_numpy(length)
-    return out
+    return _tensors(arr, query, length)
 
 
 def train_batches(histories: list[History], max_len: int, batch_size: int, *, use_queries: bool = True,
@@ -263,9 +271,7 @@ def _context_columns(tails: list[History], use_queries: bool, use_feedback: bool
     previous event's label on each token when `use_feedback`)."""
     B, T = len(tails), max(1, max(len(h) for h in tails))
     Lq = max([1] + [len(q) for h in tails for q in h.queries if q]) if use_queries else 1
-    arr = {k: np.zeros((B, T), dtype=np.int64) for k in _COLLATED}
-    arr["type"][:], arr["rank_label"][:], arr["prev_label"][:] = PAD, -1, -1
-    query, length = np.zeros((B, T, Lq), dtype=np.int64), np.zeros(B, dtype=np.int64)
+    arr, query, length = _padded(B, T, Lq)
     for b, h in enumerate(tails):
         n = length[b] = len(h)
         if not n:
@@ -278,10 +284,7 @@ def _context_columns(tails: list[History], use_queries: bool, use_feedback: bool
             for j, q in enumerate(h.queries):
                 if q:
                     query[b, j, : len(q)] = q
-    out = {k: torch.from_numpy(v) for k, v in arr.items()}
-    out["index"] = torch.arange(T).expand(B, T).clone()
-    out["query"], out["length"] = torch.from_numpy(query), torch.from_numpy(length)
-    return out
+    return _tensors(arr, query, length)
 
 
 def query_tensor(queries: list) -> torch.Tensor:
