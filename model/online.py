@@ -32,9 +32,9 @@ batches), a growing `ItemTable` and a replay buffer. Design choices:
   bias and repeat logit (search: lexical channel), the same sums of the same floats as
   `recommend_scores` / `search_scores` - and its ranking logits: the trainer hands
   them to `inspect` (`scored`) and they are ranked as they are (scoring fell from ~15%
-  of a step to ~4%). Without them (sampled negatives, or a trainer that calls
-  `inspect(h, items)`) `score_states` computes the scores, 128 states at a time, the
-  repeat logit added in place (`UnifiedRecommender.add_repeat_scores_`). Each chunk of
+  of a step to ~4%). Without them (sampled negatives) `score_states` computes the
+  scores, 128 states at a time, the repeat logit added in place
+  (`UnifiedRecommender.add_repeat_scores_`). Each chunk of
   new windows is therefore scored by the model after the earlier steps of the same
   micro-batch - on other users' windows, and on older windows of the same user only:
   a user with more new events than one window holds has several windows, and
@@ -245,7 +245,7 @@ def weighter_arrays(w) -> dict[str, np.ndarray]:
     resumed learner weighs its losses as the one that published, not from scratch."""
     out = {"weighter.step": np.array([w.step], dtype=np.int64)}
     for name in _WEIGHTER:
-        d = getattr(w, name, {})
+        d = getattr(w, name)
         if all(t in d for t in w.tasks):
             out[f"weighter.{name}"] = np.array([d[t] for t in w.tasks], dtype=np.float64)
     return out
@@ -452,7 +452,7 @@ class OnlineLearner:
             batch = collate(fresh + replay)
             inspect = None
             if score is not None and c < first_pass:
-                inspect = lambda h, items, scored=None, b=batch, n=len(fresh): score_states(
+                inspect = lambda h, items, scored, b=batch, n=len(fresh): score_states(
                     self.model, b, h, items, score, n, scored=scored)
             logs.append(self.trainer.step(batch, inspect=inspect))
         if self.cfg.replay_buffer:

@@ -33,17 +33,25 @@ _HOT = {"/recommend": "recommend", "/search": "search"}
 _BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
+def _text(query: Mapping[str, str], name: str, max_chars: int) -> tuple[str | None, str | None]:
+    """(error message or None, value) of a required, non-blank text parameter."""
+    v = query.get(name)
+    if v is None:
+        return f"{name}: required", None
+    if not v.strip():
+        return f"{name}: must not be empty", None
+    if len(v) > max_chars:
+        return f"{name}: longer than {max_chars} characters", None
+    return None, v
+
+
 def parse_params(query: Mapping[str, str], cfg: ServingConfig, *, search: bool) -> tuple[str | None, dict]:
     """(error message or None, handler kwargs) from the query string: every message names its
     parameter. Plain code rather than FastAPI's declared parameters: those cost ~0.7 ms of
     CPU per request (dependency solving), a third of a cached request."""
-    user_id = query.get("user_id")
-    if user_id is None:
-        return "user_id: required", {}
-    if not user_id.strip():
-        return "user_id: must not be empty", {}
-    if len(user_id) > cfg.max_id_chars:
-        return f"user_id: longer than {cfg.max_id_chars} characters", {}
+    err, user_id = _text(query, "user_id", cfg.max_id_chars)
+    if err:
+        return err, {}
     k = query.get("k")
     try:
         k = cfg.default_k if k is None else int(k)
@@ -53,14 +61,9 @@ def parse_params(query: Mapping[str, str], cfg: ServingConfig, *, search: bool) 
         return f"k: must be between 1 and {cfg.max_k}, got {k}", {}
     out = {"user_id": user_id, "k": k}
     if search:
-        q = query.get("q")
-        if q is None:
-            return "q: required", {}
-        if not q.strip():
-            return "q: must not be empty", {}
-        if len(q) > cfg.max_query_chars:
-            return f"q: longer than {cfg.max_query_chars} characters", {}
-        out["q"] = q
+        err, out["q"] = _text(query, "q", cfg.max_query_chars)
+        if err:
+            return err, {}
     else:
         flag = query.get("exclude_seen")
         if flag is not None and flag.lower() not in _BOOL:
