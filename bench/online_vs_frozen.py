@@ -46,7 +46,8 @@ import torch
 
 from unirec.config import load
 from unirec.data import load_events, load_items
-from unirec.model.online import EvalSums, Example, OnlineLearner
+from unirec.model.online import Example, OnlineLearner
+from unirec.model.prequential import EvalSums
 from unirec.model.snapshot import history_from_columns
 from unirec.model.text import hash_pieces
 from unirec.model.vocab import item_text

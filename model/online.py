@@ -1,4 +1,4 @@
-"""Incremental fine-tuning on a stream: `OnlineLearner`, and the test-then-train figures.
+"""Incremental fine-tuning on a stream: `OnlineLearner` (its test-then-train figures: model/prequential.py).
 
 The pipeline hands the learner, per micro-batch, one `Example` per user whose
 sequence changed: the user's recent events (plain columns, oldest first) and how
@@ -90,15 +90,15 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-from unirec.model import metrics
 from unirec.model.batching import History, _tokens, collate, event_tokens, windows
 from unirec.model.config import ModelConfig, OnlineConfig, TrainConfig
 from unirec.model.model import UnifiedRecommender
+from unirec.model.prequential import EvalSums, score_states
 from unirec.model.snapshot import history_from_columns, model_from_arrays
 from unirec.model.trainer import Trainer
 from unirec.model.vocab import ItemTable
@@ -122,108 +122,6 @@ class Example:
     @classmethod
     def from_dict(cls, d: dict) -> Example:
         return cls(**d)
-
-
-@dataclass
-class EvalSums:
-    """Sums and counts of test-then-train figures; `means()` turns them into metrics."""
-
-    k: int = 10
-    rec_n: int = 0
-    hits: float = 0.0
-    ndcg: float = 0.0
-    search_n: int = 0
-    search_hits: float = 0.0
-    search_ndcg: float = 0.0
-    probs: list = field(default_factory=list)
-    labels: list = field(default_factory=list)
-
-    def add_ranks(self, ranks: np.ndarray, search: bool) -> None:
-        hit = ranks < self.k
-        ndcg = float(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0).sum())
-        if search:
-            self.search_n, self.search_hits, self.search_ndcg = (self.search_n + len(ranks),
-                                                                 self.search_hits + hit.sum(), self.search_ndcg + ndcg)
-        else:
-            self.rec_n, self.hits, self.ndcg = self.rec_n + len(ranks), self.hits + hit.sum(), self.ndcg + ndcg
-
-    def merge(self, other: EvalSums) -> None:
-        for name in ("rec_n", "hits", "ndcg", "search_n", "search_hits", "search_ndcg"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.probs += other.probs
-        self.labels += other.labels
-
-    def means(self) -> dict:
-        k, labels = self.k, np.asarray(self.labels)
-        both = len(labels) and 0 < labels.sum() < len(labels)
-        return {f"hr@{k}": self.hits / self.rec_n if self.rec_n else None,
-                f"ndcg@{k}": self.ndcg / self.rec_n if self.rec_n else None,
-                "auc": metrics.auc(labels, np.asarray(self.probs)) if both else None,
-                f"search_recall@{k}": self.search_hits / self.search_n if self.search_n else None,
-                f"search_ndcg@{k}": self.search_ndcg / self.search_n if self.search_n else None,
-                "eval_events": self.rec_n, "eval_search_events": self.search_n, "eval_rank_events": len(labels)}
-
-
-def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
-    """`metrics.target_ranks` (pessimistic ties, column 0 never a candidate, NaN = -inf,
-    nothing else masked) in one comparison over the score matrix, without its float64
-    copy. Column 0 (padding) scores -inf, so a finite target never counts it; a target
-    scored -inf or NaN (a broken model) takes the plain path."""
-    t = scores.gather(1, targets[:, None])                              # (N, 1)
-    if not torch.isfinite(t).all():
-        return metrics.target_ranks(scores, targets)
-    pad = scores[:, 0] >= t[:, 0]                                       # only if column 0 is not -inf
-    return ((scores >= t).sum(1, dtype=torch.int32) - 1 - pad.int()).long().numpy()   # the target is >= itself
-
-
-@torch.no_grad()
-def score_states(m: UnifiedRecommender, batch: dict, h: torch.Tensor, items: torch.Tensor, sums: EvalSums,
-                 n: int | None = None, block: int = 128, scored: dict | None = None) -> None:
-    """Add the test-then-train figures of the first `n` rows of `batch` (all if None) to `sums`,
-    from one forward's hidden states `h` (B, T, d) and item vectors `items` (N_rows, d).
-
-    Next-item scores are `recommend_scores`' (offline evaluation, serving): retrieval plus
-    the repeat logit on the items of the state's context window; search scores are
-    `search_scores`' (dense query state plus the lexical channel); ranking probabilities
-    at the item tokens that carry a label. `scored`: what `Trainer.losses` hands its
-    `inspect` - the training loss's own logits of the batch's rec and search positions
-    (full-catalogue negatives: the same sums of the same floats, so the same ranks) and its
-    ranking logits - ranked as they are instead of computed a second time; what it lacks
-    is computed here, `block` states at a time: each (block, N_rows) matrix is built,
-    shifted and compared while it is in cache (~1.5x faster than one (states, N_rows)
-    pass per step, measured on 1 thread)."""
-    if n is not None and n < h.shape[0]:
-        batch, h = {k: v[:n] for k, v in batch.items()}, h[:n]
-    B, T, d = h.shape
-    hf = h.reshape(B * T, d)
-    scored = scored or {}
-    for key, search in (("rec_target", False), ("search_target", True)):
-        target = batch[key].reshape(-1)
-        given = scored.get("search" if search else "rec", {})
-        if given.get("scores") is not None:          # the loss's rows: the whole batch's, in flat order
-            k = int((given["rows"] < B * T).sum())   # the first n rows' positions come first
-            sums.add_ranks(target_ranks(given["scores"][:k], target[given["rows"][:k]]), search=search)
-            continue
-        for r in (target > 0).nonzero().squeeze(1).split(block):
-            sums.add_ranks(target_ranks(_scores(m, batch, h, hf, items, r, search), target[r]), search=search)
-    if m.cfg.use_feedback:
-        mask = batch["rank_label"] >= 0
-        if mask.any():
-            logits = scored["rank"][:B][mask] if scored.get("rank") is not None else m.rank_logits(h[mask])
-            sums.probs += torch.sigmoid(logits).tolist()
-            sums.labels += batch["rank_label"][mask].tolist()
-
-
-def _scores(m: UnifiedRecommender, batch: dict, h: torch.Tensor, hf: torch.Tensor, items: torch.Tensor,
-            r: torch.Tensor, search: bool) -> torch.Tensor:
-    """(R, N_rows) evaluation scores of the rec (or search) states at flat positions `r`."""
-    if search:                                       # late fusion: the state before the click + the query
-        scores = m.retrieval_scores(m.search_vectors(h, batch, r), items)
-        if m.cfg.use_lexical:
-            scores = scores + m.lexical_scores(batch["query"].reshape(hf.shape[0], -1)[r])
-        return scores
-    scores = m.retrieval_scores(m.user_vectors(hf[r]), items)
-    return m.add_repeat_scores_(scores, batch, r) if m.cfg.repeat_bias else scores
 
 
 def in_user_order(chunks: list[list[int]], owners: Sequence) -> list[list[int]]:
@@ -336,9 +234,19 @@ class OnlineLearner:
                        ex.queries[cut:], ex.n_new)
 
     def _history(self, ex: Example) -> History:
-        _, new_rows = self.table.assign(ex.item_ids, ex.ts)        # rows for new items first
+        return self._histories([ex])[0]
+
+    def _histories(self, examples: Sequence[Example]) -> list[History]:
+        """Each example's History, rows for new items assigned first: one table call and one
+        column conversion for the whole batch (the same rows, in the same order, as one call
+        per example), then cut into the examples' histories."""
+        col = lambda name: [v for e in examples for v in getattr(e, name)]
+        ids, ts = col("item_ids"), col("ts")
+        rows, new_rows = self.table.assign(ids, ts)
         self._pending_new.extend(new_rows)
-        return history_from_columns(ex.item_ids, ex.labels, ex.ts, ex.surfaces, ex.queries, self.table, self.mc)
+        h = history_from_columns(ids, col("labels"), ts, col("surfaces"), col("queries"), self.table, self.mc, rows)
+        ends = np.cumsum([len(e.item_ids) for e in examples]).tolist()
+        return [h.slice(a, b) for a, b in zip([0] + ends, ends)]
 
     def _windows(self, h: History, n_new: int) -> list[dict]:
         """Token lists of the windows that hold the last `n_new` events as targets, oldest first."""
@@ -377,13 +285,14 @@ class OnlineLearner:
         if watermark is None and examples:
             watermark = max(int(max(e.ts)) for e in examples)
         expired_before = self.table.expired
-        if watermark is not None and (freed := set(self.table.expire(int(watermark)))):
+        if watermark is not None and (freed := self.table.expire(int(watermark))):
             # buffered windows hold rows, and these rows will go to other items: forget them
-            self.buffer = deque((w for w in self.buffer if freed.isdisjoint(w["item"])), maxlen=self.buffer.maxlen)
+            gone = np.isin(np.arange(self.table.n_rows), freed)                   # (n_rows,) bool
+            self.buffer = deque((w for w in self.buffer if not gone[w["item"]].any()), maxlen=self.buffer.maxlen)
         self._pending_new = []
         users_new = sum(1 for e in examples if e.n_new >= len(e.item_ids))
         examples = [self._needed(e) for e in examples]
-        hist = [(self._history(e), min(e.n_new, len(e.item_ids))) for e in examples]
+        hist = list(zip(self._histories(examples), (min(e.n_new, len(e.item_ids)) for e in examples)))
         counts = self._sync_table()
         counts["items_expired"] = self.table.expired - expired_before
         counts["items_live"] = len(self.table)

@@ -120,12 +120,14 @@ def _query_pieces(text: str, n_buckets: int, ngram: int, max_pieces: int) -> tup
 
 
 def history_from_columns(item_ids: Sequence[str], labels: Sequence[int], ts: Sequence[int],
-                         surfaces: Sequence[str], query_texts: Sequence[str | None], table, mc: ModelConfig
-                         ) -> History:
+                         surfaces: Sequence[str], query_texts: Sequence[str | None], table, mc: ModelConfig,
+                         rows: np.ndarray | None = None) -> History:
     """A model History from plain columns (e.g. a Feast user sequence); items the table
-    does not know map to row 0 (unknown) - reading never allocates rows."""
+    does not know map to row 0 (unknown) - reading never allocates rows. `rows`: the
+    items' rows if the caller has them (`ItemTable.assign`)."""
     queries = [None if (q is None or s != "search") else
                (list(_query_pieces(q, mc.n_buckets, mc.ngram, mc.max_query_pieces)) or None)
                for q, s in zip(query_texts, surfaces)]
-    return History(table.rows(item_ids), np.asarray(labels, dtype=np.int64), np.asarray(ts, dtype=np.int64),
+    rows = table.rows(item_ids) if rows is None else rows
+    return History(rows, np.asarray(labels, dtype=np.int64), np.asarray(ts, dtype=np.int64),
                    np.array([SEARCH if s == "search" else REC for s in surfaces], dtype=np.int64), queries)

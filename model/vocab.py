@@ -106,7 +106,8 @@ class ItemTable(_IdMap):
 
     @property
     def live(self) -> np.ndarray:
-        live = np.array([False] + [i is not None for i in self.item_ids])
+        live = np.zeros(self.n_rows, dtype=bool)
+        live[np.fromiter(self.index.values(), dtype=np.int64, count=len(self.index))] = True
         return live
 
     def __len__(self) -> int:
@@ -126,7 +127,8 @@ class ItemTable(_IdMap):
         """Rows for `item_ids` seen at event times `ts`, allocating rows for new ids;
         returns (rows, newly assigned rows) - the caller re-initialises the new rows."""
         index = self.index
-        rows = np.fromiter((index.get(str(i), 0) for i in item_ids), dtype=np.int64, count=len(item_ids))
+        get = index.get                            # a non-str id misses here and is looked up as str below
+        rows = np.array([get(i, 0) for i in item_ids], dtype=np.int64)
         new = []
         for k in np.flatnonzero(rows == 0):        # only unknown ids pay for the slow path
             iid = str(item_ids[k])
@@ -135,9 +137,9 @@ class ItemTable(_IdMap):
                 r = self._allocate(int(ts[k]))
                 index[iid], self.item_ids[r - 1] = r, iid
                 p = self.pieces_of(iid)[: self.max_pieces]
-                self.pieces[r] = 0
-                if p:
-                    self.pieces[r, : len(p)] = torch.tensor(p, dtype=torch.int64)
+                row = self.pieces.numpy()[r]           # the tensor's memory (numpy writes: ~10x cheaper)
+                row[:] = 0
+                row[: len(p)] = p
                 self.added += 1
                 self.changed = True
                 new.append(r)
@@ -157,7 +159,8 @@ class ItemTable(_IdMap):
         if self.expire_after_s <= 0 or not self.index:
             return []
         cutoff = now - self.expire_after_s
-        stale = [r for r in self.index.values() if self.last_seen[r] < cutoff]
+        rows = np.fromiter(self.index.values(), dtype=np.int64, count=len(self.index))
+        stale = rows[self.last_seen[rows] < cutoff].tolist()
         for r in stale:
             del self.index[self.item_ids[r - 1]]
             self.item_ids[r - 1] = None

@@ -8,8 +8,9 @@ import torch
 
 from unirec.model.config import EnhancerConfig, ModelConfig, OnlineConfig, TrainConfig, WeighterConfig
 from unirec.model import metrics
-from unirec.model import online
-from unirec.model.online import Example, OnlineLearner, target_ranks
+from unirec.model import online, prequential
+from unirec.model.online import Example, OnlineLearner
+from unirec.model.prequential import target_ranks
 from unirec.model.snapshot import history_from_columns, model_from_arrays
 from unirec.model.vocab import ItemTable
 
@@ -121,7 +122,7 @@ def test_scores_off_the_training_pass_equal_a_separate_eval_pass_before_each_ste
     lr = learner()
     lr.process([example(u, [(u + k) % 12 + 1 for k in range(10)], 10**9, search_every=3) for u in range(6)])
     batch = [example(u, [(u + k + 3) % 12 + 1 for k in range(10)], 10**9 + DAY, search_every=3) for u in range(6)]
-    ref, fresh_rows = online.EvalSums(k=10), []
+    ref, fresh_rows = prequential.EvalSums(k=10), []
 
     def separate_pass(fresh, n_rows):                    # the model as it is right before this step
         fresh_rows.append((len(fresh), n_rows))
@@ -193,6 +194,15 @@ def test_expired_items_are_no_longer_candidates():
     live = lr.table.live
     assert torch.isinf(scores[0, ~torch.as_tensor(live)]).all() and torch.isfinite(scores[0, torch.as_tensor(live)]).all()
     assert lr.table.expired == 3 and sorted(lr.table.live_ids()) == ["4", "5"]
+
+
+def test_buffered_windows_holding_expired_rows_are_forgotten():
+    lr = learner(expire_after_s=DAY)
+    lr.process([example(1, [1, 2, 3], 0), example(2, [4, 5], DAY // 2)])
+    assert len(lr.buffer) == 2
+    lr.process([example(3, [5, 6], DAY + DAY // 4)])          # 1, 2, 3 expire; 4 and 5 do not
+    rows = {r for w in lr.buffer for r in np.asarray(w["item"]).tolist()}
+    assert len(lr.buffer) == 2 and rows == {lr.table.row(i) for i in ("4", "5", "6")}
 
 
 def test_replay_buffer_is_bounded_and_mixed_into_steps():
@@ -277,6 +287,8 @@ def test_fast_target_ranks_match_the_metrics_module():
     s[::5, :] = float("-inf")
     t = torch.randint(1, 9, (50,), generator=g)
     np.testing.assert_array_equal(target_ranks(s, t), metrics.target_ranks(s, t))
+    s[:, 7:] = float("-inf")                                   # free rows past the last live one
+    np.testing.assert_array_equal(target_ranks(s, t.clamp(max=6), n_cols=7), metrics.target_ranks(s, t.clamp(max=6)))
 
 
 def test_old_context_is_cut_without_changing_the_windows():
@@ -285,7 +297,12 @@ def test_old_context_is_cut_without_changing_the_windows():
     full = lr._windows(lr._history(ex), 3)
     cut = lr._needed(ex)
     assert len(cut.item_ids) == 3 + MC.max_len and cut.item_ids[-1] == ex.item_ids[-1]
-    assert lr._windows(lr._history(cut), 3) == full
+    assert [as_lists(w) for w in lr._windows(lr._history(cut), 3)] == [as_lists(w) for w in full]
+
+
+def as_lists(window: dict) -> dict:
+    """A window's columns as plain lists (`event_tokens` gives arrays; () for "no query", as [])."""
+    return {k: [list(q) for q in v] if k == "query" else list(np.asarray(v).tolist()) for k, v in window.items()}
 
 
 
@@ -353,8 +370,8 @@ def test_event_tokens_equal_batchings_token_lists():
             for use_queries in (True, False):
                 for use_feedback in (True, False):
                     fast = event_tokens(h, loss_from, use_queries, use_feedback)
-                    fast["query"] = [list(q) for q in fast["query"]]          # () for "no query", as []
-                    assert fast == _tokens(h, loss_from, use_queries, use_feedback)
+                    assert all(v.dtype == np.int64 for k, v in fast.items() if k != "query")
+                    assert as_lists(fast) == _tokens(h, loss_from, use_queries, use_feedback)
 
 
 def _fresh_and_replayed(lr):
@@ -387,9 +404,9 @@ def test_scores_handed_over_by_the_loss_rank_as_scores_computed_for_evaluation()
                                        bias=lex + m.item_bias())
     scored = {"rec": {"rows": rows, "scores": rec}, "search": {"rows": srows, "scores": srch},
               "rank": m.rank_logits(h).detach()}
-    given, computed = online.EvalSums(), online.EvalSums()
-    online.score_states(m, batch, h, items, given, n, scored=scored)
-    online.score_states(m, batch, h, items, computed, n)
+    given, computed = prequential.EvalSums(), prequential.EvalSums()
+    prequential.score_states(m, batch, h, items, given, n, scored=scored)
+    prequential.score_states(m, batch, h, items, computed, n)
     assert given.rec_n == computed.rec_n > 0 and given.search_n == computed.search_n > 0
     assert given.rec_n < len(rows) and given.search_n < len(srows)         # the replayed rows are left out
     assert (given.hits, given.ndcg, given.search_hits, given.search_ndcg) == (
