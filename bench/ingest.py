@@ -107,10 +107,19 @@ def throughput(name: str, lines: list[bytes], kafka: KafkaConfig, scfg: Streamin
         check = compare(d.online, expected(lines, f))
         verify_s = time.perf_counter() - t
         dead = sum(v for key, v in d.totals.items() if key.startswith("dead_letter."))
+        pushed = {k: d.totals[k] for k in ("pushes", "users_written_online", "items_written_online")}
     phases = {p: round(sum(r.seconds.get(p, 0.0) for r in reports), 2) for p in reports[0].seconds}
     return {"source": name, "events": len(lines), "events_per_s": round(len(lines) / seconds),
             "seconds": round(seconds, 2), "batches": len(reports), "phase_seconds": phases,
             "cpu_s": cpu, "cpu_us_per_event": round(1e6 * (cpu["driver"] + cpu["pusher"]) / len(lines), 1),
+            "cpu_us_per_event_driver": round(1e6 * cpu["driver"] / len(lines), 1),
+            "cpu_us_per_event_pusher": round(1e6 * cpu["pusher"] / len(lines), 1),
+            # the pusher writes each key once per push however many batches touched it, so its
+            # CPU per event depends on how far behind it ran; per row pushed it does not
+            "pushed_rows": {"users": pushed["users_written_online"], "items": pushed["items_written_online"],
+                            "pushes": pushed["pushes"]},
+            "pusher_cpu_us_per_row": round(1e6 * cpu["pusher"] / max(1, pushed["users_written_online"]
+                                                                      + pushed["items_written_online"]), 1),
             "produce_s": round(produce_s, 1), "verify_s": round(verify_s, 1), "lost": check.lost,
             "duplicated": check.duplicated, "mismatched_users": len(check.mismatched_users),
             "mismatched_items": len(check.mismatched_items), "dead_letter": dead}
@@ -212,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         "runs": {
             "throughput": {r["source"]: {"events": r["events"], "events_per_s": r["events_per_s"],
                                          "cpu_us_per_event": r["cpu_us_per_event"],
+                                         "cpu_us_per_event_driver": r["cpu_us_per_event_driver"],
+                                         "cpu_us_per_event_pusher": r["cpu_us_per_event_pusher"],
+                                         "pusher_cpu_us_per_row": r["pusher_cpu_us_per_row"],
                                          "phase_seconds": r["phase_seconds"]} for r in runs},
             "latency": {x["source"]: {"offered_per_s": x["offered_per_s"], "events": x["events"],
                                       "p50_s": x["latency_p50_s"], "p95_s": x["latency_p95_s"],

@@ -19,6 +19,13 @@ so the stored bytes are the same; tests/features/test_online.py checks that):
   `python_values_to_proto_values` (type sniffing and sanitising of every list), which
   this path skips; bench/features_online.py has the numbers.
 
+On the batched SQLite store, `push_users` / `push_items` go one step further:
+`user_encoded` / `item_encoded` write the Value bytes directly (features/proto_bytes.py,
+tested against protobuf) and hand them to `FastSqliteOnlineStore.write_encoded`, which
+stores exactly what `online_write_batch` stores for `user_rows` / `item_rows` (building
+11 Values per user was most of the push process's Python time; tests compare the stored
+rows with Feast's own store byte for byte, and read them back through Feast).
+
 The store behind `online_write_batch` is Feast's Redis store, or for SQLite
 `fast_stores.FastSqliteOnlineStore` (`sqlite_batched_writes`, default): Feast's SQLite
 store with the per-(entity, feature) INSERT loop replaced by one executemany.
@@ -32,6 +39,7 @@ with `skip_dedup` (see definitions.repo_config) so a new state always overwrites
 """
 from __future__ import annotations
 
+import struct
 import warnings
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
@@ -39,7 +47,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from unirec.features import definitions, item_stats
+from unirec.features import definitions, item_stats, proto_bytes
 from unirec.features.config import FeaturesConfig
 from unirec.features.item_stats import ItemStats
 from unirec.features.sequence import UserSequence
@@ -110,6 +118,53 @@ def user_rows(states: Sequence[UserSequence]) -> list[tuple]:
     return out
 
 
+def string_key_head(join_key: str, version: int) -> bytes:
+    """Feast's serialized entity key of (`join_key`, string value v) is this head, then
+    len(v) as <I, then v's UTF-8 bytes: the head is taken from Feast's own serialization
+    of an empty value, whose last 4 bytes are that length, 0."""
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    empty = serialize_entity_key(EntityKey(join_keys=[join_key], entity_values=[Value(string_val="")]),
+                                 entity_key_serialization_version=version)
+    assert empty.endswith(b"\0\0\0\0"), empty
+    return empty[:-4]
+
+
+def user_encoded(states: Sequence[UserSequence], key_version: int) -> list[tuple]:
+    """`FastSqliteOnlineStore.write_encoded` rows for user_sequence: the bytes `user_rows`'
+    Values serialize to (features/proto_bytes.py), without building the Values."""
+    strings, ints, one = proto_bytes.string_list, proto_bytes.int64_list, proto_bytes.int64
+    head, u32 = string_key_head("user_id", key_version), struct.Struct("<I").pack
+    out = []
+    for s in states:
+        uid = s.user_id.encode("utf-8")
+        key = head + u32(len(uid)) + uid
+        n, total, last = len(s.item_ids), s.total_clicks, s.watermark if s.watermark is not None else 0
+        values = [("item_ids", strings(s.item_ids), None), ("labels", ints(s.labels), None),
+                  ("ts", ints(s.ts), None), ("surfaces", strings(s.surfaces), None),
+                  ("click_query_ids", strings(s.click_query_ids), None), ("query_ids", strings(s.query_ids), None),
+                  ("query_texts", strings(s.query_texts), None), ("query_ts", ints(s.query_ts), None),
+                  ("sequence_length", one(n), str(n)), ("total_clicks", one(total), str(total)),
+                  ("last_event_ts", one(last), str(last))]
+        out.append((key, values, _naive_utc(s.watermark), None))
+    return out
+
+
+def item_encoded(stats: Sequence[ItemStats], cfg: FeaturesConfig, key_version: int) -> list[tuple]:
+    """`FastSqliteOnlineStore.write_encoded` rows for item_stats (see `user_encoded`)."""
+    head, u32 = string_key_head("item_id", key_version), struct.Struct("<I").pack
+    double, one = proto_bytes.double, proto_bytes.int64
+    out = []
+    for s in stats:
+        row = item_stats.feature_row(s, bucket_s=cfg.item_bucket_s, windows_s=cfg.item_windows_s)
+        iid = s.item_id.encode("utf-8")
+        values = [(n, double(v) if n.startswith("ctr_") else one(v), str(v)) for n, v in row.items()]
+        out.append((head + u32(len(iid)) + iid, values, _naive_utc(s.watermark), None))
+    return out
+
+
 def item_rows(stats: Sequence[ItemStats], cfg: FeaturesConfig) -> list[tuple]:
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
     from feast.protos.feast.types.Value_pb2 import Value
@@ -173,14 +228,36 @@ class OnlineStore:
     def push_users(self, states: Sequence[UserSequence]) -> int:
         """Write the users' absolute states; returns the number of rows written."""
         states = list(states)
+        direct = self._encoded_store()
         for c in _chunks(states, self.cfg.push_batch_rows):
+            if direct is not None:
+                config = self.store.config
+                direct.write_encoded(config, self._view(definitions.USER_VIEW),
+                                     user_encoded(c, config.entity_key_serialization_version))
+                continue
             self._write(definitions.USER_VIEW, definitions.USER_PUSH, lambda: user_frame(c), lambda: user_rows(c))
         return len(states)
+
+    def _encoded_store(self):
+        """The online store when user rows can skip the Value objects: the batched SQLite
+        store (`fast_stores.FastSqliteOnlineStore`) on the "batch" write path; else None."""
+        if self.write_path != "batch":
+            return None
+        from unirec.features.fast_stores import FastSqliteOnlineStore
+
+        store = getattr(self.store._get_provider(), "online_store", None)
+        return store if isinstance(store, FastSqliteOnlineStore) and store.batched(self.store.config) else None
 
     def push_items(self, stats: Sequence[ItemStats]) -> int:
         stats = list(stats)
         cfg = self.cfg
+        direct = self._encoded_store()
         for c in _chunks(stats, cfg.push_batch_rows):
+            if direct is not None:
+                config = self.store.config
+                direct.write_encoded(config, self._view(definitions.ITEM_VIEW),
+                                     item_encoded(c, cfg, config.entity_key_serialization_version))
+                continue
             self._write(definitions.ITEM_VIEW, definitions.ITEM_PUSH, lambda: item_frame(c, cfg),
                         lambda: item_rows(c, cfg))
         return len(stats)

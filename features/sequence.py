@@ -226,5 +226,5 @@ def to_record(s: UserSequence) -> list:
 
 
 def from_record(user_id: str, r: list) -> UserSequence:
-    return UserSequence(user_id, tuple(r[0]), tuple(r[1]), tuple(r[2]), tuple(r[3]), tuple(r[4]),
-                        tuple(r[5]), tuple(r[6]), tuple(r[7]), r[8], r[9], dict(zip(r[10], r[11])))
+    return _make(user_id, tuple(r[0]), tuple(r[1]), tuple(r[2]), tuple(r[3]), tuple(r[4]),
+                 tuple(r[5]), tuple(r[6]), tuple(r[7]), r[8], r[9], dict(zip(r[10], r[11])))

@@ -125,6 +125,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
 from unirec.features.config import FeaturesConfig
+from unirec.features.state import encode_item
 from unirec.streaming.broker import client_kwargs
 from unirec.streaming.config import KafkaConfig, StreamingConfig
 from unirec.streaming.deadletter import send_dead_letters
@@ -327,8 +328,8 @@ class Driver:
         dead = send_dead_letters(self.producer, self.kafka_cfg.topics.dead_letter, out.dead_letters)
         secs["dead_letters"], t = time.perf_counter() - t, time.perf_counter()
         offsets = {tp: o for tp, o in out.offsets.items() if o > self.positions.get(tp, 0)}
-        batch_id = self.store.commit_batch(out.users, out.items, offsets,
-                                           examples=out.examples if self.learning is not None else None)
+        batch_id = self.store.commit_encoded(out.user_rows, [encode_item(s) for s in out.items], offsets,
+                                             examples=out.examples if self.learning is not None else None)
         self.positions.update(offsets)
         secs["commit"] = time.perf_counter() - t
         if self.learning is not None:
@@ -354,13 +355,16 @@ class Driver:
         self._inflight.append((batch_id, out, offsets, dead, secs))
         self._pushes.submit(batch_id)
         self._confirmed(self._pushes.poll())
-        waiting = sum(len(b[1].users) + len(b[1].items) for b in self._inflight)
+        waiting = sum(len(b[1].user_rows) + len(b[1].items) for b in self._inflight)
         if self._inflight and waiting >= self.cfg.max_staged_keys:
             self._confirmed(self._pushes.wait(self._inflight[0][0]))
 
     def _confirmed(self, answers: list) -> None:
         """Step 6 for the batches a push covered: commit their offsets to Kafka, report them."""
         for ans in answers:
+            self.totals["pushes"] += 1
+            self.totals["users_written_online"] += ans.users   # a key touched by several batches of one push counts once
+            self.totals["items_written_online"] += ans.items
             done = [b for b in self._inflight if b[0] <= ans.batch]
             if not done:
                 continue
@@ -392,7 +396,7 @@ class Driver:
                 pushed_at: float) -> BatchReport:
         self.totals["batches"] += 1
         self.totals["records"] += out.records
-        self.totals["users_pushed"] += len(out.users)
+        self.totals["users_pushed"] += len(out.user_rows)
         self.totals["items_pushed"] += len(out.items)
         for reason, n in dead.items():
             self.totals[f"dead_letter.{reason}"] += n
@@ -400,7 +404,7 @@ class Driver:
         for topic, _partition, _start, _next, records, *_ in out.progress:
             consumed[topic] += records
         by_topic = Counter((d.source_topic, d.reason) for d in out.dead_letters)
-        return BatchReport(batch_id, out.records, len(out.users), len(out.items), dead, out.path, secs,
+        return BatchReport(batch_id, out.records, len(out.user_rows), len(out.items), dead, out.path, secs,
                            pushed_at, out.arrival_ms, dict(consumed), by_topic)
 
     def _commit_kafka(self, offsets: dict[TP, int]) -> None:

@@ -44,6 +44,7 @@ from pathlib import Path
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from unirec.features.state import decode_user, encode_user
 from unirec.streaming.kafka_source import POOL, ReadRange, read_range
 from unirec.streaming.transforms import (
     BatchSpec, MicroBatch, group_by_key_group, parse_records, progress_of, update_items, update_users,
@@ -54,7 +55,7 @@ OUTPUT_KINDS = ("users", "items", "dead_letters", "progress", "examples", "train
 
 @dataclass
 class BatchOutputs:
-    users: list = field(default_factory=list)         # UserSequence, one per changed user
+    user_rows: list = field(default_factory=list)     # (user_id, encoded state), one per changed user
     items: list = field(default_factory=list)         # ItemStats, one per changed item
     dead_letters: list = field(default_factory=list)  # DeadLetter
     progress: list = field(default_factory=list)      # transforms.progress_of tuples, one per range
@@ -63,6 +64,11 @@ class BatchOutputs:
     train: list | None = None                         # FineTune figures (None: the stage did not run)
     seconds: float = 0.0
     path: str = "beam"                                # "beam" | "in_process"
+
+    @property
+    def users(self) -> list:
+        """The changed users' states, decoded (the driver commits `user_rows` as they are)."""
+        return [decode_user(r) for r in self.user_rows]
 
     @property
     def offsets(self) -> dict[tuple[str, int], int]:
@@ -117,6 +123,8 @@ def _read_outputs(out_dir: Path) -> BatchOutputs:
             element = pickle.load(f)
         if kind == "progress":
             out.progress.append(element)
+        elif kind == "users":
+            out.user_rows.extend(element)
         elif kind == "train":
             out.train = (out.train or []) + [element]
         else:
@@ -249,7 +257,7 @@ def run_in_process(ranges: list[ReadRange], spec: BatchSpec, store) -> BatchOutp
     clicks = []
     for group in group_by_key_group(parsed, lambda p: p.event.user_id, spec.key_groups).values():
         res = update_users(group, store.get_users, spec=spec)
-        out.users.extend(res.states)
+        out.user_rows.extend(encode_user(s) for s in res.states)
         out.dead_letters.extend(res.dead)
         out.examples.extend(res.examples)
         out.requested.extend(c for c in res.applied_clicks if c.request_id is not None)

@@ -53,6 +53,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 
 from unirec.features import item_stats, sequence
+from unirec.features.state import encode_user
 from unirec.streaming.config import EventLimits
 from unirec.streaming.deadletter import DeadLetter
 from unirec.streaming.events import ClickEvent, DecodeError, QueryEvent, decode
@@ -166,6 +167,8 @@ def order_user_events(items: Iterable[Parsed]) -> list[Parsed]:
     """One user's events in arrival order: offset order within each partition, partitions
     interleaved by Kafka timestamp; within one millisecond by event time, then queries
     first (a query leads to its click)."""
+    if type(items) is list and len(items) == 1:
+        return items  # most users of a batch under load: nothing to order
     streams: dict[tuple, list[Parsed]] = {}
     for p in items:
         streams.setdefault((sequence.is_click(p.event), p.topic, p.partition), []).append(p)
@@ -194,22 +197,24 @@ def update_users(parsed: Iterable[Parsed], get_users: Callable[[list[str]], Mapp
     out = UserUpdate([], [], [], [])
     if spec.examples:
         from unirec.streaming.finetune import example_of, new_tail
+    kwargs, merge = spec.merge_kwargs, sequence.merge
     for i in range(0, len(users), spec.state_batch):
         chunk = users[i:i + spec.state_batch]
         stored = get_users(chunk)
         for user_id in chunk:
             ordered = order_user_events(per_user[user_id])
-            by_id = {id(p.event): p for p in ordered}
             old = stored.get(user_id)
-            res = sequence.merge(old, user_id, [p.event for p in ordered], **spec.merge_kwargs)
+            res = merge(old, user_id, [p.event for p in ordered], **kwargs)
             if res.applied:
                 out.states.append(res.state)
                 clicks = res.applied_clicks
                 out.applied_clicks.extend(clicks)
                 if spec.examples and (n := new_tail(old, res.state, len(clicks))):
                     out.examples.append(example_of(res.state, n))
-            for event, reason in res.rejected:
-                out.dead.append(_rejection(by_id[id(event)], reason, res.state, spec.allowed_lateness_s))
+            if res.rejected:
+                by_id = {id(p.event): p for p in ordered}
+                for event, reason in res.rejected:
+                    out.dead.append(_rejection(by_id[id(event)], reason, res.state, spec.allowed_lateness_s))
     return out
 
 
@@ -344,7 +349,7 @@ class _ReadsStateStore(beam.DoFn):
 
 
 class UpdateUserSequence(_ReadsStateStore):
-    """(user key group, [[parsed tuple], ...]) -> MAIN: [UserSequence];
+    """(user key group, [[parsed tuple], ...]) -> MAIN: [(user_id, encoded state)] (`state.encode_user`);
     APPLIED_CLICKS: (item key group, [click tuple]); DEAD_LETTER: [DeadLetter] (duplicate / late);
     REQUESTED: [ClickEvent] applied clicks that carry a request id (A/B attribution)."""
 
@@ -359,8 +364,8 @@ class UpdateUserSequence(_ReadsStateStore):
         for group, clicks in group_by_key_group(res.applied_clicks, lambda c: c.item_id,
                                                 self.spec.key_groups).items():
             yield emit(APPLIED_CLICKS, (group, [event_to_tuple(c) for c in clicks]))
-        if res.states:
-            yield emit(MAIN, res.states)
+        if res.states:  # encoded here for the state store: text crosses Beam, not dataclasses
+            yield emit(MAIN, [encode_user(st) for st in res.states])
         if requested := [c for c in res.applied_clicks if c.request_id is not None]:
             yield emit(REQUESTED, requested)
         if res.examples:
@@ -384,8 +389,8 @@ class MicroBatch(beam.PTransform):
     "examples" (training example dicts) with `spec.examples` and "train" (one dict of
     test-then-train figures per batch) with `spec.finetune`.
 
-    Every output element is a list (of UserSequence, ItemStats, DeadLetter, example
-    dicts), except "progress" (one tuple per range) and "train"."""
+    Every output element is a list (of encoded user states `(user_id, text)`, ItemStats,
+    DeadLetter, example dicts), except "progress" (one tuple per range) and "train"."""
 
     def __init__(self, spec: BatchSpec):
         super().__init__()

@@ -9,7 +9,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from unirec.features import item_stats, sequence
-from unirec.features.state import StateStore
+from unirec.features.state import StateStore, decode_user
 from unirec.streaming.events import ClickEvent, QueryEvent, encode
 from unirec.streaming.transforms import (
     DEAD_LETTER, MAIN, BatchSpec, MultiOutput, ParseEvent, UpdateUserSequence, group_by_key_group,
@@ -136,7 +136,7 @@ def test_update_user_sequence_dofn_reads_the_state_store_under_beam(tmp_path):
         outs = (p | beam.Create([(0, [parsed_to_tuple(x) for x in parsed])])
                 | beam.GroupByKey()
                 | MultiOutput(UpdateUserSequence(s), (MAIN, DEAD_LETTER)))
-        lengths = outs[MAIN] | beam.FlatMap(lambda states: [(st.user_id, st.item_ids) for st in states])
+        lengths = outs[MAIN] | beam.FlatMap(lambda rows: [(st.user_id, st.item_ids) for st in map(decode_user, rows)])
         dead = outs[DEAD_LETTER] | beam.FlatMap(lambda ds: [(d.reason, d.offset) for d in ds])
         assert_that(lengths, equal_to([("u1", ("i1", "i1"))]), label="states")
         assert_that(dead, equal_to([("duplicate", 1)]), label="dead")
