@@ -39,6 +39,7 @@ with `skip_dedup` (see definitions.repo_config) so a new state always overwrites
 """
 from __future__ import annotations
 
+import functools
 import struct
 import warnings
 from collections.abc import Iterable, Sequence
@@ -55,6 +56,7 @@ from unirec.features.sequence import UserSequence
 _USER_LISTS = ("item_ids", "labels", "ts", "surfaces", "click_query_ids", "query_ids", "query_texts", "query_ts")
 _STRING_LISTS = frozenset({"item_ids", "surfaces", "click_query_ids", "query_ids", "query_texts"})
 WritePath = Literal["batch", "direct", "push"]
+_U32 = struct.Struct("<I").pack   # the length prefix of a string entity value
 
 
 def _to_datetime(ts: int | None) -> datetime:
@@ -118,6 +120,7 @@ def user_rows(states: Sequence[UserSequence]) -> list[tuple]:
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def string_key_head(join_key: str, version: int) -> bytes:
     """Feast's serialized entity key of (`join_key`, string value v) is this head, then
     len(v) as <I, then v's UTF-8 bytes: the head is taken from Feast's own serialization
@@ -132,15 +135,20 @@ def string_key_head(join_key: str, version: int) -> bytes:
     return empty[:-4]
 
 
+def string_key(head: bytes, value: str) -> bytes:
+    """The serialized entity key of `value` after `string_key_head`."""
+    b = value.encode("utf-8")
+    return head + _U32(len(b)) + b
+
+
 def user_encoded(states: Sequence[UserSequence], key_version: int) -> list[tuple]:
     """`FastSqliteOnlineStore.write_encoded` rows for user_sequence: the bytes `user_rows`'
     Values serialize to (features/proto_bytes.py), without building the Values."""
     strings, ints, one = proto_bytes.string_list, proto_bytes.int64_list, proto_bytes.int64
-    head, u32 = string_key_head("user_id", key_version), struct.Struct("<I").pack
+    head = string_key_head("user_id", key_version)
     out = []
     for s in states:
-        uid = s.user_id.encode("utf-8")
-        key = head + u32(len(uid)) + uid
+        key = string_key(head, s.user_id)
         n, total, last = len(s.item_ids), s.total_clicks, s.watermark if s.watermark is not None else 0
         values = [("item_ids", strings(s.item_ids), None), ("labels", ints(s.labels), None),
                   ("ts", ints(s.ts), None), ("surfaces", strings(s.surfaces), None),
@@ -154,14 +162,13 @@ def user_encoded(states: Sequence[UserSequence], key_version: int) -> list[tuple
 
 def item_encoded(stats: Sequence[ItemStats], cfg: FeaturesConfig, key_version: int) -> list[tuple]:
     """`FastSqliteOnlineStore.write_encoded` rows for item_stats (see `user_encoded`)."""
-    head, u32 = string_key_head("item_id", key_version), struct.Struct("<I").pack
+    head = string_key_head("item_id", key_version)
     double, one = proto_bytes.double, proto_bytes.int64
     out = []
     for s in stats:
         row = item_stats.feature_row(s, bucket_s=cfg.item_bucket_s, windows_s=cfg.item_windows_s)
-        iid = s.item_id.encode("utf-8")
         values = [(n, double(v) if n.startswith("ctr_") else one(v), str(v)) for n, v in row.items()]
-        out.append((head + u32(len(iid)) + iid, values, _naive_utc(s.watermark), None))
+        out.append((string_key(head, s.item_id), values, _naive_utc(s.watermark), None))
     return out
 
 
@@ -212,9 +219,17 @@ class OnlineStore:
             self._views[name] = self.store.get_feature_view(name)
         return self._views[name]
 
-    def _write(self, view: str, push_source: str, frame, rows) -> None:
+    def _write(self, view: str, push_source: str, frame, rows, encoded) -> None:
+        """One chunk through the configured path: `frame()` for push / write_to_online_store,
+        `rows()` (Feast Values) for the batch path, or `encoded(key_version)` (value bytes,
+        see `user_encoded`) when the batch path's store takes them directly."""
         if self.write_path == "batch":
-            self.store._get_provider().online_write_batch(self.store.config, self._view(view), rows(), None)
+            config = self.store.config
+            if self._encoded_store is not None:
+                self._encoded_store.write_encoded(config, self._view(view),
+                                                  encoded(config.entity_key_serialization_version))
+            else:
+                self.store._get_provider().online_write_batch(config, self._view(view), rows(), None)
             return
         from feast.data_source import PushMode
 
@@ -228,19 +243,15 @@ class OnlineStore:
     def push_users(self, states: Sequence[UserSequence]) -> int:
         """Write the users' absolute states; returns the number of rows written."""
         states = list(states)
-        direct = self._encoded_store()
         for c in _chunks(states, self.cfg.push_batch_rows):
-            if direct is not None:
-                config = self.store.config
-                direct.write_encoded(config, self._view(definitions.USER_VIEW),
-                                     user_encoded(c, config.entity_key_serialization_version))
-                continue
-            self._write(definitions.USER_VIEW, definitions.USER_PUSH, lambda: user_frame(c), lambda: user_rows(c))
+            self._write(definitions.USER_VIEW, definitions.USER_PUSH, lambda: user_frame(c), lambda: user_rows(c),
+                        lambda version: user_encoded(c, version))
         return len(states)
 
+    @functools.cached_property
     def _encoded_store(self):
-        """The online store when user rows can skip the Value objects: the batched SQLite
-        store (`fast_stores.FastSqliteOnlineStore`) on the "batch" write path; else None."""
+        """The online store when rows can skip the Value objects: the batched SQLite store
+        (`fast_stores.FastSqliteOnlineStore`) on the "batch" write path; else None."""
         if self.write_path != "batch":
             return None
         from unirec.features.fast_stores import FastSqliteOnlineStore
@@ -251,15 +262,9 @@ class OnlineStore:
     def push_items(self, stats: Sequence[ItemStats]) -> int:
         stats = list(stats)
         cfg = self.cfg
-        direct = self._encoded_store()
         for c in _chunks(stats, cfg.push_batch_rows):
-            if direct is not None:
-                config = self.store.config
-                direct.write_encoded(config, self._view(definitions.ITEM_VIEW),
-                                     item_encoded(c, cfg, config.entity_key_serialization_version))
-                continue
             self._write(definitions.ITEM_VIEW, definitions.ITEM_PUSH, lambda: item_frame(c, cfg),
-                        lambda: item_rows(c, cfg))
+                        lambda: item_rows(c, cfg), lambda version: item_encoded(c, cfg, version))
         return len(stats)
 
     def push_item_embeddings(self, item_ids: Sequence[str], vectors, version: str, published_at: int) -> int:

@@ -287,7 +287,8 @@ class OnlineLearner:
         expired_before = self.table.expired
         if watermark is not None and (freed := self.table.expire(int(watermark))):
             # buffered windows hold rows, and these rows will go to other items: forget them
-            gone = np.isin(np.arange(self.table.n_rows), freed)                   # (n_rows,) bool
+            gone = np.zeros(self.table.n_rows, dtype=bool)                       # (n_rows,) freed rows
+            gone[freed] = True
             self.buffer = deque((w for w in self.buffer if not gone[w["item"]].any()), maxlen=self.buffer.maxlen)
         self._pending_new = []
         users_new = sum(1 for e in examples if e.n_new >= len(e.item_ids))

@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import torch
 
+
 def piece_counts(pieces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(row, piece, count) of every distinct non-padding piece of every row of (N, P) `pieces`,
     sorted by row then piece (what coalescing a COO matrix of ones gives), from one sort of

@@ -107,8 +107,11 @@ class ItemTable(_IdMap):
     @property
     def live(self) -> np.ndarray:
         live = np.zeros(self.n_rows, dtype=bool)
-        live[np.fromiter(self.index.values(), dtype=np.int64, count=len(self.index))] = True
+        live[self._live_rows()] = True
         return live
+
+    def _live_rows(self) -> np.ndarray:
+        return np.fromiter(self.index.values(), dtype=np.int64, count=len(self.index))
 
     def __len__(self) -> int:
         return len(self.index)
@@ -159,7 +162,7 @@ class ItemTable(_IdMap):
         if self.expire_after_s <= 0 or not self.index:
             return []
         cutoff = now - self.expire_after_s
-        rows = np.fromiter(self.index.values(), dtype=np.int64, count=len(self.index))
+        rows = self._live_rows()
         stale = rows[self.last_seen[rows] < cutoff].tolist()
         for r in stale:
             del self.index[self.item_ids[r - 1]]

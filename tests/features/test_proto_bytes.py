@@ -50,15 +50,12 @@ def test_empty_and_zero_values_are_still_set():
 
 @given(st.text(min_size=1, max_size=200))
 def test_string_entity_key_matches_feasts_serialization(user_id):
-    import struct
-
     from feast.infra.key_encoding_utils import serialize_entity_key
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
     from feast.protos.feast.types.Value_pb2 import Value
 
-    from unirec.features.online import string_key_head
+    from unirec.features.online import string_key, string_key_head
 
-    raw = user_id.encode("utf-8")
     want = serialize_entity_key(EntityKey(join_keys=["user_id"], entity_values=[Value(string_val=user_id)]),
                                 entity_key_serialization_version=3)
-    assert string_key_head("user_id", 3) + struct.pack("<I", len(raw)) + raw == want
+    assert string_key(string_key_head("user_id", 3), user_id) == want
