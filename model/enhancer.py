@@ -89,9 +89,9 @@ def mine(model, batch: dict, h: torch.Tensor, cfg: EnhancerConfig, generator: to
     model.eval()
     try:
         _, hc = model(batch, cand, prefix, cts)                                # (B, C, d)
+        logits = model.rank_logits(hc)                                         # (B, C), no dropout
     finally:
         model.train(was_training)
-    logits = model.rank_logits(hc)                                             # (B, C)
     gather = slot[:, None] + torch.arange(cfg.top_k)[None, :]                  # (N, K)
     probs = torch.sigmoid(logits[b[:, None], gather])                          # (N, K)
     window_items = batch["item"][b]                                            # (N, T)

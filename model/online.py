@@ -23,7 +23,8 @@ batches), a growing `ItemTable` and a replay buffer. Design choices:
   new search click (dense query state + lexical channel). Sums and counts are kept
   so that figures over any span (a batch, the time since the last publish) are
   exact means, not means of means.
-  *Scored off the training pass.* With dropout 0 (`model.dropout`, `attn_dropout`)
+  *Scored off the training pass.* Without dropout (`online.dropout: false`, the
+  default, turns `model.dropout`, `rank_dropout` and `attn_dropout` off for fine-tuning)
   a training forward computes exactly what an eval-mode forward would, so a step's
   new windows are scored from that step's own forward (`Trainer.step(inspect=...)`,
   detached, before its update): test-then-train costs only the ranking ops, not a
@@ -41,7 +42,7 @@ batches), a growing `ItemTable` and a replay buffer. Design choices:
   `in_user_order` deals them to the steps that hold them oldest first, so a later
   event of a user is never trained on before an earlier one is scored. Replayed
   windows ride along unscored. A separate eval-mode pass over the batch, before the
-  first step, remains for dropout > 0, for evaluate-only calls, for `fuse=False`
+  first step, remains for `online.dropout: true`, for evaluate-only calls, for `fuse=False`
   (bench/online_vs_frozen.py keeps its batch-level protocol: every event scored by
   the model as it was before the batch) and, under `max_steps_per_batch`, for the
   windows the batch does not train on. tests/model/test_online.py checks the fused
@@ -173,6 +174,8 @@ class OnlineLearner:
                  *, seed: int = 0):
         self.model, self.trainer, self.table, self.cfg = model, trainer, table, cfg
         self.mc = model.cfg
+        if not cfg.dropout:
+            model.disable_dropout()
         self.buffer: deque = deque(maxlen=max(1, cfg.replay_buffer))
         self.rng = random.Random(seed)
         self.since = self._fresh_since()            # figures since the last publish
@@ -307,7 +310,7 @@ class OnlineLearner:
         sums, fused = None, False
         if (self.cfg.evaluate if evaluate is None else evaluate) and lists:
             # the training forward is the eval forward only without dropout (module doc)
-            fused = fuse and train and self.mc.dropout == 0 and self.mc.attn_dropout == 0
+            fused = fuse and train and not self.model.has_dropout
             sums = EvalSums(k=self.cfg.eval_k) if fused else self.evaluate(lists)
         if train and lists:
             stats |= self.train(lists, owners, score=sums if fused else None)

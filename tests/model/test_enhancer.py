@@ -55,6 +55,18 @@ def test_mine_excludes_target_and_uses_the_ranker():
         assert item not in batch["item"][row // T].tolist()
 
 
+def test_mining_reads_the_ranker_without_its_dropout(monkeypatch):
+    m, batch = _model_and_batch(rank_dropout=0.9)
+    m.train()                                        # mining runs inside a training step
+    h, _ = m(batch)
+    seen = []
+    select = enhancer.select
+    monkeypatch.setattr(enhancer, "select", lambda top, probs, *a: seen.append(probs) or select(top, probs, *a))
+    for _ in range(2):
+        enhancer.mine(m, batch, h.detach(), CFG, torch.Generator().manual_seed(0))
+    assert m.training and torch.equal(seen[0], seen[1])   # the same candidates, the same eval-mode scores
+
+
 @pytest.mark.parametrize("feedback_tokens", [False, True])
 def test_candidate_tokens_match_a_real_next_item_token(feedback_tokens):
     """Scoring a candidate via the appended-token path equals putting it in the sequence."""

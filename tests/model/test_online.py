@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from unirec.model.batching import History, context_batch
 from unirec.model.config import EnhancerConfig, ModelConfig, OnlineConfig, TrainConfig, WeighterConfig
 from unirec.model import metrics
 from unirec.model import online, prequential
@@ -164,14 +165,26 @@ def test_no_new_event_is_scored_by_a_model_that_trained_on_it_or_on_a_later_even
     assert stats["eval"]["eval_events"] == 6 * 29
 
 
-def test_dropout_and_capped_batches_fall_back_to_a_pass_before_the_steps(monkeypatch):
-    lr = OnlineLearner.fresh(dataclasses.replace(MC, dropout=0.1), TC, OnlineConfig(item_capacity=4),
-                             pieces_of=lambda i: [1])
+def test_fine_tuning_turns_the_models_dropout_off_unless_asked_to_keep_it(monkeypatch):
+    mc = dataclasses.replace(MC, dropout=0.1, rank_dropout=0.5)
     calls = []
-    evaluate = lr.evaluate
-    monkeypatch.setattr(lr, "evaluate", lambda lists: calls.append(len(lists)) or evaluate(lists))
-    stats = lr.process(cyclic_batch(0))
-    assert calls == [stats["sequences"]] and stats["eval"]["eval_events"] == 6 * 9
+    for keep in (False, True):
+        lr = OnlineLearner.fresh(mc, TC, OnlineConfig(item_capacity=4, dropout=keep), pieces_of=lambda i: [1])
+        assert lr.model.has_dropout is keep
+        lr.model.train()
+        batch = context_batch([History(np.array([1, 2, 3]), np.array([1, 0, 1]), np.array([0, 60, 120]),
+                                       np.zeros(3, dtype=np.int64), [None] * 3)], 8)
+        twice = [lr.model.rank_logits(lr.model(batch)[0]) for _ in range(2)]
+        assert torch.equal(*twice) is not keep          # a training forward is random only with dropout
+        evaluate = lr.evaluate
+        monkeypatch.setattr(lr, "evaluate", lambda lists, ev=evaluate: calls.append(len(lists)) or ev(lists))
+        calls.clear()
+        stats = lr.process(cyclic_batch(0))
+        # dropout kept: the training pass is not the eval pass, so a separate one scores the batch first
+        assert calls == ([stats["sequences"]] if keep else []) and stats["eval"]["eval_events"] == 6 * 9
+
+
+def test_capped_batches_fall_back_to_a_pass_before_the_steps():
     capped = learner(max_steps_per_batch=1)
     stats = capped.process(cyclic_batch(0, users=12, length=20))
     assert stats["deferred"] > 0 and stats["eval"]["eval_events"] == 12 * 19     # deferred windows scored too
