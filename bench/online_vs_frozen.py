@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     for c in head:
         seqs.setdefault(c["user_id"], []).append(c)
     t = time.perf_counter()
-    offline = OnlineLearner.fresh(mc, cfg.train, cfg.online, pieces_of=pieces)
+    # the head trains as `unirec train --offline` does: with the model's dropout (the online arms fine-tune without)
+    offline = OnlineLearner.fresh(mc, cfg.train, dataclasses.replace(cfg.online, dropout=True), pieces_of=pieces)
     info = offline_train(offline, seqs, qtext, args.train_steps)
     offline_s = time.perf_counter() - t
     snap = offline.snapshot()
