@@ -25,7 +25,10 @@ Last stdout line: {"events", "events_per_s", "latency_p50_s", "latency_p95_s", "
 "duplicated", "dead_letter", "peak_rss_mb", "runs"}: events_per_s = all throughput
 events / the sum of their wall times; latency = the worst p50 / p95 of the latency
 runs; lost / duplicated summed over every run; "runs" holds each stream's numbers. `--profile FILE` writes a
-cProfile of the generated-stream throughput run.
+cProfile of the generated-stream throughput run (CPU time of the driver's main thread).
+Per throughput run, CPU microseconds per event of the driver, the push process and the
+embedded broker (the third process on the two cores; `cpu_us_per_event` stays driver +
+pusher), and `plan_probes`, the broker time-index probes the planner made.
 """
 from __future__ import annotations
 
@@ -72,10 +75,9 @@ def fresh(kafka: KafkaConfig, tmp: Path, name: str) -> tuple[KafkaConfig, Featur
     return k, f
 
 
-def _pusher_cpu(driver: Driver) -> float:
-    """CPU seconds the push process has used (0 without one): CPU time per event is
-    what the machine's other load does not change, unlike events/s."""
-    pid = getattr(getattr(driver, "_pushes", None), "pid", None)
+def _cpu_of(pid: int | None) -> float:
+    """CPU seconds process `pid` has used (0 without one): CPU time per event is what the
+    machine's other load does not change, unlike events/s."""
     if pid is None:
         return 0.0
     import os
@@ -83,6 +85,16 @@ def _pusher_cpu(driver: Driver) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pusher_cpu(driver: Driver) -> float:
+    return _cpu_of(getattr(getattr(driver, "_pushes", None), "pid", None))
+
+
+def _broker_cpu(kafka: KafkaConfig) -> float:
+    """The embedded broker's CPU seconds: the third process on the two cores (its fetches
+    and time-index probes scan the log, see streaming/plan.py)."""
+    return _cpu_of(broker.status(kafka).pid)
 
 
 def throughput(name: str, lines: list[bytes], kafka: KafkaConfig, scfg: StreamingConfig, tmp: Path,
@@ -93,8 +105,10 @@ def throughput(name: str, lines: list[bytes], kafka: KafkaConfig, scfg: Streamin
     produce_s = time.perf_counter() - t
     reports = []
     with Driver(k, dataclasses.replace(scfg, group_id=f"bench-{name}"), f, on_batch=reports.append) as d:
-        prof = cProfile.Profile() if profile else None
-        t0, cpu0, child0 = time.time(), time.process_time(), _pusher_cpu(d)
+        # thread CPU time, not wall time: on the shared machine, preemption would otherwise
+        # be charged to whatever function was running
+        prof = cProfile.Profile(time.thread_time) if profile else None
+        t0, cpu0, child0, broker0 = time.time(), time.process_time(), _pusher_cpu(d), _broker_cpu(kafka)
         if prof:
             prof.enable()
         d.run(once=True)
@@ -102,18 +116,21 @@ def throughput(name: str, lines: list[bytes], kafka: KafkaConfig, scfg: Streamin
             prof.disable()
             prof.dump_stats(profile)
         seconds = max(r.pushed_at for r in reports) - t0
-        cpu = {"driver": round(time.process_time() - cpu0, 2), "pusher": round(_pusher_cpu(d) - child0, 2)}
+        cpu = {"driver": round(time.process_time() - cpu0, 2), "pusher": round(_pusher_cpu(d) - child0, 2),
+               "broker": round(_broker_cpu(kafka) - broker0, 2)}
         t = time.perf_counter()
         check = compare(d.online, expected(lines, f))
         verify_s = time.perf_counter() - t
         dead = sum(v for key, v in d.totals.items() if key.startswith("dead_letter."))
         pushed = {k: d.totals[k] for k in ("pushes", "users_written_online", "items_written_online")}
+        probes = getattr(d.planner, "probes", None)
     phases = {p: round(sum(r.seconds.get(p, 0.0) for r in reports), 2) for p in reports[0].seconds}
     return {"source": name, "events": len(lines), "events_per_s": round(len(lines) / seconds),
-            "seconds": round(seconds, 2), "batches": len(reports), "phase_seconds": phases,
+            "seconds": round(seconds, 2), "batches": len(reports), "phase_seconds": phases, "plan_probes": probes,
             "cpu_s": cpu, "cpu_us_per_event": round(1e6 * (cpu["driver"] + cpu["pusher"]) / len(lines), 1),
             "cpu_us_per_event_driver": round(1e6 * cpu["driver"] / len(lines), 1),
             "cpu_us_per_event_pusher": round(1e6 * cpu["pusher"] / len(lines), 1),
+            "cpu_us_per_event_broker": round(1e6 * cpu["broker"] / len(lines), 1),
             # the pusher writes each key once per push however many batches touched it, so its
             # CPU per event depends on how far behind it ran; per row pushed it does not
             "pushed_rows": {"users": pushed["users_written_online"], "items": pushed["items_written_online"],
@@ -223,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                                          "cpu_us_per_event": r["cpu_us_per_event"],
                                          "cpu_us_per_event_driver": r["cpu_us_per_event_driver"],
                                          "cpu_us_per_event_pusher": r["cpu_us_per_event_pusher"],
+                                         "cpu_us_per_event_broker": r["cpu_us_per_event_broker"],
                                          "pusher_cpu_us_per_row": r["pusher_cpu_us_per_row"],
                                          "phase_seconds": r["phase_seconds"]} for r in runs},
             "latency": {x["source"]: {"offered_per_s": x["offered_per_s"], "events": x["events"],

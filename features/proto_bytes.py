@@ -44,14 +44,28 @@ def _field(tag: bytes, payload: bytes) -> bytes:
     return tag + (_SMALL[n] if n < 128 else varint(n)) + payload
 
 
+# Element bytes of recently seen strings: user_sequence's lists repeat a small vocabulary
+# (item ids, the two surfaces, "" for a click without a query), so most elements are a
+# dict hit instead of encode + length prefix + concatenation (push process: string_list
+# was ~17% of its CPU). Bounded: cleared when full, so any stream of strings is fine.
+_ELEMENTS: dict[str, bytes] = {}
+_ELEMENTS_MAX = 200_000
+
+
+def _element(s: str) -> bytes:
+    b = s.encode("utf-8")
+    n = len(b)
+    e = b"\n" + (_SMALL[n] if n < 128 else varint(n)) + b
+    if len(_ELEMENTS) >= _ELEMENTS_MAX:
+        _ELEMENTS.clear()
+    _ELEMENTS[s] = e
+    return e
+
+
 def string_list(values: Iterable[str]) -> bytes:
     """`Value(string_list_val=StringList(val=values)).SerializeToString()`."""
-    parts = []
-    for s in values:
-        b = s.encode("utf-8")
-        n = len(b)
-        parts.append(b"\n" + (_SMALL[n] if n < 128 else varint(n)) + b)
-    return _field(b"b", b"".join(parts))
+    get = _ELEMENTS.get
+    return _field(b"b", b"".join([get(s) or _element(s) for s in values]))
 
 
 def int64_list(values: Iterable[int]) -> bytes:

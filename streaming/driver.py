@@ -129,7 +129,7 @@ from unirec.features.state import encode_item
 from unirec.streaming.broker import client_kwargs
 from unirec.streaming.config import KafkaConfig, StreamingConfig
 from unirec.streaming.deadletter import send_dead_letters
-from unirec.streaming.kafka_source import ReadRange, reader_config
+from unirec.streaming.kafka_source import ReadRange, new_reader, reader_config
 from unirec.streaming.plan import Planner
 from unirec.streaming.microbatch import BatchOutputs, BeamBatchRunner, run_in_process
 from unirec.streaming.transforms import BatchSpec
@@ -209,7 +209,7 @@ class Driver:
             self.online.apply()
         self.consumer = KafkaConsumer(**kw, group_id=self.cfg.group_id, enable_auto_commit=False)
         self._committer = KafkaConsumer(**kw, group_id=self.cfg.group_id, enable_auto_commit=False)
-        self._tails = KafkaConsumer(**reader_config(kw, self.cfg.idle_poll_ms))   # `Planner.arrival_cut`'s probe
+        self._tails = new_reader(reader_config(kw, self.cfg.idle_poll_ms))   # `Planner.arrival_cut`'s probe
         self.planner = Planner(self.cfg, self.consumer, self._tails, self.positions)
         self.producer = KafkaProducer(**kw, acks="all", linger_ms=5)
         if self.learning is not None:
@@ -238,6 +238,9 @@ class Driver:
             self._pushes.wait_ready()   # its start-up (importing Feast) overlapped the warm-up
         self.recover()
         self.refresh_partitions()
+        from unirec.streaming.pusher import tune_gc
+
+        tune_gc()   # start-up objects frozen, fewer collections per batch (see tune_gc)
         if self.experiments is not None:
             self.experiments.open(dict(self.positions))
         return self

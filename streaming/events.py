@@ -293,8 +293,54 @@ def _query(obj: dict, now_s: float, limits: EventLimits) -> QueryEvent:
 _DECODERS = {"click/v1": _click, "query/v1": _query}
 
 
+# Fast path: the field-by-field checks above cost ~20 small calls per event (the
+# driver's profile: a fifth of its CPU in decode). `_fast_click` / `_fast_query` check
+# the same conditions inline and return the event only when every field is valid,
+# else None, and the strict path then names the first bad field; so results and
+# errors are the strict path's (tests/streaming/test_events.py checks both on
+# hypothesis-generated objects). Non-ASCII strings always take the strict path
+# (its lone-surrogate check).
+def _id_ok(v: Any, max_chars: int) -> bool:
+    return type(v) is str and v.isascii() and 0 < len(v) <= max_chars and not v.isspace()
+
+
+def _fast_click(obj: dict, now_s: float, limits: EventLimits) -> ClickEvent | None:
+    g, ids = obj.get, limits.max_id_chars
+    e, u, i, ts, label, surface, q = (g("event_id"), g("user_id"), g("item_id"), g("ts"), g("label"),
+                                      g("surface"), g("query_id"))
+    if not (type(ts) is int and 0 <= ts <= now_s + limits.max_future_skew_s and type(label) is int
+            and 0 <= label <= 1 and _id_ok(e, ids) and _id_ok(u, ids) and _id_ok(i, ids)):
+        return None
+    if not ((surface == "rec" and q is None) or (surface == "search" and _id_ok(q, ids))):
+        return None
+    pos, rating, req = g("position"), g("rating"), g("request_id")
+    if pos is not None and not (type(pos) is int and 0 <= pos <= _INT64[1]):
+        return None
+    if rating is not None and not (type(rating) is int and 1 <= rating <= 5):
+        return None
+    if req is not None and not _id_ok(req, ids):
+        return None
+    return ClickEvent(e, u, i, ts, label, surface, q, pos, rating, req)
+
+
+def _fast_query(obj: dict, now_s: float, limits: EventLimits) -> QueryEvent | None:
+    g, ids = obj.get, limits.max_id_chars
+    e, u, q, text, ts = g("event_id"), g("user_id"), g("query_id"), g("text"), g("ts")
+    if not (type(ts) is int and 0 <= ts <= now_s + limits.max_future_skew_s and _id_ok(e, ids)
+            and _id_ok(u, ids) and _id_ok(q, ids) and _id_ok(text, limits.max_text_chars)):
+        return None
+    return QueryEvent(e, u, q, text, ts)
+
+
+_FAST = {"click/v1": _fast_click, "query/v1": _fast_query}
+
+
 def decode_object(obj: dict, kind: Kind | None, *, now_s: float, limits: EventLimits = _DEFAULT_LIMITS) -> Event:
     """A parsed JSON object -> event (see `decode`)."""
+    schema = obj.get("schema")
+    if (fast := _FAST.get(schema) if type(schema) is str else None) is not None \
+            and (kind is None or schema == SCHEMAS[kind]) and (event := fast(obj, now_s, limits)) is not None:
+        return event
     schema = _get(obj, "schema")
     if not isinstance(schema, str):
         raise DecodeError("wrong_type", "schema", f"expected string, got {_json_type(schema)}")

@@ -259,3 +259,43 @@ def test_a_click_may_carry_the_request_id_of_the_list_it_came_from():
     assert "request_id" not in json.loads(encode(decode(CLICK_LINE, now_s=NOW)))  # old clicks: same wire form
     assert (rejected(click(request_id=7)).reason, rejected(click(request_id=7)).field) == ("wrong_type", "request_id")
     assert rejected(click(request_id=" ")).reason == "bad_value"
+
+
+BOUNDARY_VALUES = [None, True, False, -2**63 - 1, -1, 0, 1, 2, 5, 6, 2**63, NOW, NOW + 300, NOW + 301, 1.0, [], {},
+                   "", " ", "\x1f", "rec", "search", "x" * 128, "x" * 129, "x" * 1024, "x" * 1025, "é", "q-1",
+                   "\ud800"]
+field_values = st.one_of(st.sampled_from(BOUNDARY_VALUES), st.integers(), st.text(max_size=12),
+                         st.floats(allow_nan=False))
+CHANGED_KEYS = sorted(set(CLICK_FIELDS) - {"schema"}) + ["text", "request_id"]
+BASES = [json.loads(CLICK_LINE), json.loads(SEARCH_LINE), json.loads(QUERY_LINE)]
+
+
+def _fast_agrees_with_strict(obj: dict) -> None:
+    from unirec.streaming import events
+
+    limits = EventLimits()
+    try:
+        strict = events._DECODERS[obj["schema"]](obj, NOW, limits)
+    except DecodeError:
+        strict = None
+    fast = events._FAST[obj["schema"]](obj, NOW, limits)
+    assert fast is None or fast == strict, obj
+    if strict is not None and all(v.isascii() for v in obj.values() if isinstance(v, str)):
+        assert fast == strict, obj       # the common case does take the fast path
+
+
+def test_the_inline_field_checks_agree_with_the_strict_checks_at_every_boundary():
+    """`decode_object`'s fast path returns an event only where the field-by-field path
+    returns the same one; where that path rejects, the fast path defers to it."""
+    for base in BASES:
+        for key in CHANGED_KEYS:
+            _fast_agrees_with_strict({k: v for k, v in base.items() if k != key})
+            for value in BOUNDARY_VALUES:
+                _fast_agrees_with_strict({**base, key: value})
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(base=st.sampled_from(BASES),
+       changes=st.dictionaries(st.sampled_from(CHANGED_KEYS), st.one_of(field_values, st.just(...)), max_size=4))
+def test_the_inline_field_checks_agree_with_the_strict_checks_on_combinations(base, changes):
+    _fast_agrees_with_strict({k: v for k, v in {**base, **changes}.items() if v is not ...})

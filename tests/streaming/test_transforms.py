@@ -14,7 +14,7 @@ from unirec.streaming.events import ClickEvent, QueryEvent, encode
 from unirec.streaming.transforms import (
     DEAD_LETTER, MAIN, BatchSpec, MultiOutput, ParseEvent, UpdateUserSequence, group_by_key_group,
     order_user_events,
-    parse_records, parsed_to_tuple, update_items, update_users,
+    pack_parsed, parse_records, unpack_parsed, update_items, update_users,
 )
 
 NOW = 1_800_000_000
@@ -67,7 +67,7 @@ def test_parse_event_dofn_splits_outputs_under_beam():
     with TestPipeline() as p:
         outs = (p | beam.Create([records])
                 | MultiOutput(ParseEvent(BatchSpec(KINDS, "", key_groups=1)), (MAIN, DEAD_LETTER)))
-        users = outs[MAIN] | beam.FlatMap(lambda kv: [t[0][2] for t in kv[1]])
+        users = outs[MAIN] | beam.FlatMap(lambda kv: [p.event.user_id for p in unpack_parsed(kv[1])])
         reasons = outs[DEAD_LETTER] | beam.FlatMap(lambda ds: [(d.reason, d.offset) for d in ds])
         assert_that(users, equal_to(["a", "b"]), label="users")
         assert_that(reasons, equal_to([("malformed_json", 1)]), label="dead")
@@ -133,7 +133,7 @@ def test_update_user_sequence_dofn_reads_the_state_store_under_beam(tmp_path):
     parsed, _ = parse_records([record(click(1, ts=10), 1), record(click(2, ts=20), 2)], KINDS, now_s=NOW,
                               limits=s.limits)
     with TestPipeline() as p:
-        outs = (p | beam.Create([(0, [parsed_to_tuple(x) for x in parsed])])
+        outs = (p | beam.Create([(0, pack_parsed(parsed))])
                 | beam.GroupByKey()
                 | MultiOutput(UpdateUserSequence(s), (MAIN, DEAD_LETTER)))
         lengths = outs[MAIN] | beam.FlatMap(lambda rows: [(st.user_id, st.item_ids) for st in map(decode_user, rows)])
@@ -152,3 +152,19 @@ def test_key_groups_do_not_change_the_result(tmp_path, n_groups):
     states = [st for g in groups.values() for st in update_users(g, lambda ids: {}, spec=s).states]
     assert len(states) == 7  # every user's events met in exactly one group
     assert {st.user_id: st for st in states} == sequence.reference(events, **s.merge_kwargs)
+
+
+def test_events_rebuilt_after_a_group_by_key_are_the_events_that_went_in():
+    """Events cross the GroupByKey as tuples (`event_to_tuple`): rebuilt, they must be
+    equal, hash alike and stay frozen."""
+    import dataclasses
+
+    from unirec.streaming.transforms import event_from_tuple, event_to_tuple
+
+    events = [click(1), click(2, surface="search", query_id="q-2"),
+              ClickEvent("c-3", "u2", "i9", 5, 0, "rec", None, 4, 2, "r-1"), query(4)]
+    for e in events:
+        back = event_from_tuple(event_to_tuple(e))
+        assert type(back) is type(e) and back == e and hash(back) == hash(e) and repr(back) == repr(e)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            back.ts = 0
