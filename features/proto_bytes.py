@@ -44,10 +44,12 @@ def _field(tag: bytes, payload: bytes) -> bytes:
     return tag + (_SMALL[n] if n < 128 else varint(n)) + payload
 
 
-# Element bytes of recently seen strings: user_sequence's lists repeat a small vocabulary
+# Element bytes of strings seen before: user_sequence's lists repeat a small vocabulary
 # (item ids, the two surfaces, "" for a click without a query), so most elements are a
 # dict hit instead of encode + length prefix + concatenation (push process: string_list
-# was ~17% of its CPU). Bounded: cleared when full, so any stream of strings is fine.
+# was ~17% of its CPU; a 50-item list 15.7 -> 6.3 us). Bounded, and full means no more
+# entries rather than cleared: query ids are mostly unique, and clearing on every 200k
+# of them made a list of item ids and query ids slower than no cache (15.0 -> 16.0 us).
 _ELEMENTS: dict[str, bytes] = {}
 _ELEMENTS_MAX = 200_000
 
@@ -56,9 +58,8 @@ def _element(s: str) -> bytes:
     b = s.encode("utf-8")
     n = len(b)
     e = b"\n" + (_SMALL[n] if n < 128 else varint(n)) + b
-    if len(_ELEMENTS) >= _ELEMENTS_MAX:
-        _ELEMENTS.clear()
-    _ELEMENTS[s] = e
+    if len(_ELEMENTS) < _ELEMENTS_MAX:
+        _ELEMENTS[s] = e
     return e
 
 
