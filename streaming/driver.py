@@ -224,7 +224,7 @@ class Driver:
             self.learning.open(self.store, online_store=emb_store, producer=self.producer,
                                notice_topic=self.kafka_cfg.topics.model_updates)
         # The push of batch N runs while batch N+1 is read and merged (see streaming/pusher.py).
-        from unirec.streaming.pusher import PushProcess, ThreadPusher
+        from unirec.streaming.pusher import PushProcess, ThreadPusher, tune_gc
 
         if self.cfg.push_mode == "process" and self._own_online:
             self._pushes = PushProcess(self.features_cfg)
@@ -238,8 +238,6 @@ class Driver:
             self._pushes.wait_ready()   # its start-up (importing Feast) overlapped the warm-up
         self.recover()
         self.refresh_partitions()
-        from unirec.streaming.pusher import tune_gc
-
         tune_gc()   # start-up objects frozen, fewer collections per batch (see tune_gc)
         if self.experiments is not None:
             self.experiments.open(dict(self.positions))

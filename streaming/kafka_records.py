@@ -181,8 +181,7 @@ def _fast_class():
                                              f"{batch.base_offset} failed crc check")
                 if batch.magic != 2:      # legacy message set: kafka-python's records
                     rows = [(r.offset, r.timestamp, r.key, r.value, r.headers, r.size_in_bytes, r.checksum)
-                            for r in batch]
-                    ts_type = None
+                            for r in batch]   # legacy rows carry their checksum
                 else:
                     self.leader_epoch = batch.leader_epoch
                     if batch.is_control_batch:
@@ -190,10 +189,7 @@ def _fast_class():
                         batch = records.next_batch()
                         continue
                     rows = batch_records(batch)
-                    ts_type = batch.timestamp_type
-                epoch = self.leader_epoch
-                if ts_type is None:       # legacy rows carry their checksum
-                    ts_type = batch.timestamp_type
+                epoch, ts_type = self.leader_epoch, batch.timestamp_type
                 for offset, ts, key, value, headers, size, *crc in rows:
                     self.records_read += 1
                     self.bytes_read += size
