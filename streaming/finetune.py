@@ -24,8 +24,8 @@
 * **Beam's state sampler.** Every bundle's sampling thread (the msec counters) sleeps
   up to 200 ms between samples, and the bundle's end waits for it to wake: the
   FineTune bundle, seconds long, ended ~0.1 s (up to 0.2 s) after its last step,
-  idle. `short_state_sampling` makes the period 20 ms for this process's bundles
-  (Beam has no option for it), when the DoFn is built and on a worker's `setup`.
+  idle. `beam_tuning.short_state_sampling` makes the period 20 ms for this process's
+  bundles (Beam has no option for it), when the DoFn is built and on a worker's `setup`.
 * **One bundle.** `GatherExamples` combines the examples of all key groups into
   one element, so the learner sees the whole micro-batch at once (every new event
   is scored before any step trains on it or on a later event of its user, see
@@ -44,6 +44,7 @@ from apache_beam.utils.shared import Shared
 
 from unirec.features.sequence import UserSequence
 from unirec.model.online import Example, OnlineLearner
+from unirec.streaming.beam_tuning import tune
 
 log = logging.getLogger(__name__)
 NAMESPACE = "unirec"
@@ -151,31 +152,15 @@ def shared_slot(spec: FineTuneSpec) -> LearnerSlot:
     return spec.handle.acquire(lambda: LearnerSlot(open_learner(spec)))
 
 
-SAMPLING_PERIOD_MS = 20
-
-
-def short_state_sampling(ms: int = SAMPLING_PERIOD_MS) -> None:
-    """Beam's state sampling period for the bundles this process creates from now on (see
-    the module doc): the longest a finished bundle waits for the sampling thread."""
-    import inspect
-
-    from apache_beam.runners.worker import statesampler
-
-    init = statesampler.StateSampler.__init__
-    last = list(inspect.signature(init).parameters)[-1]
-    if last == "sampling_period_ms" and init.__defaults__ and init.__defaults__[-1] > ms:
-        init.__defaults__ = init.__defaults__[:-1] + (ms,)   # another Beam: left as it is
-
-
 class FineTune(beam.DoFn):
     """[[example dict], ...] (the whole batch) -> one dict of test-then-train figures and losses."""
 
     def __init__(self, spec: FineTuneSpec):
         self.spec = spec
-        short_state_sampling()
+        tune()
 
     def setup(self):
-        short_state_sampling()
+        tune()
         self.slot = shared_slot(self.spec)
 
     def process(self, lists):

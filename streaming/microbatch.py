@@ -45,6 +45,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from unirec.features.state import decode_user, encode_user
+from unirec.streaming.beam_tuning import tune
 from unirec.streaming.kafka_source import POOL, ReadRange, read_range
 from unirec.streaming.transforms import (
     BatchSpec, MicroBatch, group_by_key_group, parse_records, progress_of, update_items, update_users,
@@ -169,6 +170,7 @@ class BeamBatchRunner:
     def __init__(self, spec: BatchSpec, *, runner: str = "FnApiRunner", options: tuple[str, ...] = (),
                  work_dir: str | None = None):
         self.spec, self.runner_name, self.options = spec, runner, tuple(options)
+        tune()   # Beam's fixed cost per run (streaming/beam_tuning.py)
         if work_dir:
             Path(work_dir).mkdir(parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix="beam-", dir=work_dir))

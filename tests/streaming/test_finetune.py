@@ -63,22 +63,3 @@ def test_example_carries_the_query_text_of_search_clicks():
     res = merge(None, "u", [q, click(0, 10, surface="search", query_id="q1"), click(1, 11)], **KW)
     ex = example_of(res.state, 2)
     assert ex["queries"] == ["space opera", None] and ex["surfaces"] == ["search", "rec"] and ex["n_new"] == 2
-
-
-def test_bundles_wait_at_most_the_short_sampling_period_for_beams_state_sampler():
-    """A finished bundle joins Beam's sampling thread, which sleeps up to its period: the
-    FineTune bundle (seconds long) must not end ~0.2 s after its last step."""
-    import time
-
-    from apache_beam.runners.worker import statesampler
-
-    from unirec.streaming.finetune import SAMPLING_PERIOD_MS, short_state_sampling
-
-    short_state_sampling()
-    sampler = statesampler.StateSampler("t", None)
-    assert sampler.sampling_period_ms == SAMPLING_PERIOD_MS
-    sampler.start()
-    time.sleep(1.0)                                       # long enough for the period to reach its maximum
-    t0 = time.perf_counter()
-    sampler.stop()
-    assert time.perf_counter() - t0 < 0.1                 # Beam's default: up to 0.2 s
