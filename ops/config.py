@@ -20,6 +20,8 @@ class PublishConfig:
     margin_mode: Literal["relative", "absolute"] = "relative"
     margin: float = 0.2                 # relative: refuse if candidate < current * (1 - margin);
                                         # absolute: refuse if candidate < current - margin
+    noise_z: float = 2.0                # ... and only if the drop also exceeds this many standard errors
+                                        # of sampling noise on the two windows' event counts (0 = margin only)
 
     def __post_init__(self) -> None:
         if self.every_steps < 0 or self.every_seconds < 0:
@@ -30,6 +32,8 @@ class PublishConfig:
             raise ValueError(f"min_eval_events: must be >= 0, got {self.min_eval_events}")
         if not (0.0 <= self.margin and math.isfinite(self.margin)):
             raise ValueError(f"margin: must be a finite number >= 0, got {self.margin}")
+        if not (0.0 <= self.noise_z and math.isfinite(self.noise_z)):
+            raise ValueError(f"noise_z: must be a finite number >= 0, got {self.noise_z}")
         if self.margin_mode == "relative" and self.margin > 1.0:
             raise ValueError(f"margin: a relative margin must be <= 1, got {self.margin}")
 

@@ -48,6 +48,30 @@ def test_relative_margin_refuses_a_drop_larger_than_the_margin():
     assert d.reasons == ("metric_regressed",) and "0.3700" in d.details[0] and "0.3750" in d.details[0]
 
 
+def test_a_drop_beyond_the_margin_but_within_sampling_noise_is_not_a_regression():
+    # NDCG 0.06 -> 0.045 (-25%, past a 20% margin): on 300 events a side that is ~1 standard
+    # error of noise (sqrt(0.06 * 0.94 * 2 / 300) = 0.019); on 20,000 a side it is ~8
+    cfg = PublishConfig(min_eval_events=100, margin=0.2)
+    small = check(metrics(0.045, 300), metrics(0.06, 300), 1.0, 1.0, cfg)
+    assert small.ok and small.compared
+    large = check(metrics(0.045, 20_000), metrics(0.06, 20_000), 1.0, 1.0, cfg)
+    assert large.reasons == ("metric_regressed",)
+    assert "on 20000 events" in large.details[0] and "sampling noise" in large.details[0]
+    # noise_z 0: the margin alone, as before the guard
+    assert check(metrics(0.045, 300), metrics(0.06, 300), 1.0, 1.0,
+                 PublishConfig(min_eval_events=100, margin=0.2, noise_z=0.0)).reasons == ("metric_regressed",)
+
+
+def test_the_noise_floor_follows_both_windows_sizes():
+    cfg = PublishConfig(min_eval_events=1, margin=0.0, noise_z=2.0)
+    # two standard errors for current 0.5 on 100 + 100 events: 2 * sqrt(0.25 * 0.02) = 0.1414
+    assert check(metrics(0.36, 100), metrics(0.5, 100), 1.0, 1.0, cfg).ok
+    assert not check(metrics(0.35, 100), metrics(0.5, 100), 1.0, 1.0, cfg).ok
+    # one small side is enough to widen it: 2 * sqrt(0.25 * (1/100 + 1/10**6)) = 0.1000
+    assert check(metrics(0.401, 100), metrics(0.5, 10**6), 1.0, 1.0, cfg).ok
+    assert not check(metrics(0.399, 100), metrics(0.5, 10**6), 1.0, 1.0, cfg).ok
+
+
 def test_absolute_margin_is_a_fixed_distance_not_a_share():
     absolute = PublishConfig(min_eval_events=100, margin_mode="absolute", margin=0.125)
     relative = PublishConfig(min_eval_events=100, margin_mode="relative", margin=0.125)
@@ -93,12 +117,13 @@ def test_metric_and_count_keys_are_configurable():
 
 
 @given(cur=st.floats(0.0, 1.0), a=st.floats(0.0, 1.0), b=st.floats(0.0, 1.0),
-       mode=st.sampled_from(["relative", "absolute"]), margin=st.floats(0.0, 1.0))
-def test_accepting_a_candidate_accepts_every_better_one(cur, a, b, mode, margin):
-    cfg = PublishConfig(min_eval_events=1, margin_mode=mode, margin=margin)
+       mode=st.sampled_from(["relative", "absolute"]), margin=st.floats(0.0, 1.0),
+       noise_z=st.floats(0.0, 5.0), n=st.integers(1, 10**6), n_cur=st.integers(1, 10**6))
+def test_accepting_a_candidate_accepts_every_better_one(cur, a, b, mode, margin, noise_z, n, n_cur):
+    cfg = PublishConfig(min_eval_events=1, margin_mode=mode, margin=margin, noise_z=noise_z)
     lo, hi = sorted((a, b))
-    if check(metrics(lo), metrics(cur), 1.0, 1.0, cfg).ok:
-        assert check(metrics(hi), metrics(cur), 1.0, 1.0, cfg).ok
+    if check(metrics(lo, n), metrics(cur, n_cur), 1.0, 1.0, cfg).ok:
+        assert check(metrics(hi, n), metrics(cur, n_cur), 1.0, 1.0, cfg).ok
     assert check(metrics(cur), metrics(cur), 1.0, 1.0, cfg).ok  # no change never regresses
 
 
@@ -113,7 +138,8 @@ def test_due_after_n_steps_or_t_seconds_and_never_without_a_new_step():
 
 @pytest.mark.parametrize("kw, key", [({"max_grad_norm": 0.0}, "max_grad_norm"), ({"margin": -0.1}, "margin"),
                                      ({"margin": 1.5}, "margin"), ({"every_steps": -1}, "every_steps"),
-                                     ({"min_eval_events": -1}, "min_eval_events")])
+                                     ({"min_eval_events": -1}, "min_eval_events"),
+                                     ({"noise_z": -1.0}, "noise_z"), ({"noise_z": math.inf}, "noise_z")])
 def test_config_rejects_meaningless_values(kw, key):
     with pytest.raises(ValueError, match=key):
         PublishConfig(**kw)
