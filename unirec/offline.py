@@ -176,3 +176,21 @@ def evaluate(model: UnifiedRecommender, ds: Dataset, *, ranking: bool, search: b
     else:
         out.update({"search_recall@10": None, "search_ndcg@10": None})
     return out
+
+
+def mean_over_seeds(rows: list[dict]) -> dict[str, float | None]:
+    """Per metric, the mean over runs (seeds) of the values that are not None (None if none is)."""
+    keys = {k for r in rows for k in r}
+    out: dict[str, float | None] = {}
+    for k in sorted(keys):
+        vals = [r[k] for r in rows if r.get(k) is not None]
+        out[k] = float(np.mean(vals)) if vals else None
+    return out
+
+
+def paired_difference(a: list[dict], b: list[dict], key: str) -> dict[str, float | int]:
+    """Mean and standard error of a[i][key] - b[i][key] over paired runs (the same seed i):
+    the seed's data order and initialisation are shared, so pairing removes part of the spread."""
+    d = np.array([x[key] - y[key] for x, y in zip(a, b, strict=True)], dtype=float)
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return {"mean": float(d.mean()), "se": se, "n": len(d), "per_seed": [float(v) for v in d]}
