@@ -22,9 +22,9 @@ Beam has no option for either, so both patch a default or a module function, onl
 Beam still has the shape they expect (otherwise Beam is left as it is), and only in a
 process that runs micro-batches (`tune()` is called by the batch runner and the
 FineTune stage). Measured with `bench/ingest.py` (ML-100k latency run at 5,000
-events/s, 20 s, two runs each): p50 / p95 arrival-to-online 0.71-0.77 / 0.96-1.04 s
-before, 0.62-0.66 / 0.87-0.90 s after. The generated stream's latency is bound by the
-push process, not by Beam, and did not move.
+events/s, 20 s): p50 / p95 arrival-to-online 0.71-0.77 / 0.96-1.09 s before (four
+runs), 0.62-0.66 / 0.87-0.92 s after (four). The generated stream's latency is bound
+by the push process, not by Beam, and did not move.
 """
 from __future__ import annotations
 
