@@ -111,6 +111,8 @@ class StreamingConfig:
                                         # a batch reads records stamped up to the oldest partition tail, or at least
                                         # this long ago, so a query never misses the batch of the clicks sent after it
     work_dir: str = ".cache/unirec/pipeline"  # per-batch output files of the Beam run (deleted after each batch)
+    kafka_commit_interval_s: float = 5.0  # offsets go to the Kafka group at most this often, and on exit: the state
+                                          # store holds the truth, the group's offsets serve lag monitors (0: every batch)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_events", "max_batch_bytes", "idle_poll_ms", "key_groups", "state_batch",
@@ -124,3 +126,5 @@ class StreamingConfig:
             raise ValueError(f"arrival_grace_ms: must be >= 0, got {self.arrival_grace_ms}")
         if self.in_process_below < 0:
             raise ValueError(f"in_process_below: must be >= 0, got {self.in_process_below}")
+        if self.kafka_commit_interval_s < 0:
+            raise ValueError(f"kafka_commit_interval_s: must be >= 0, got {self.kafka_commit_interval_s}")

@@ -31,7 +31,8 @@ One micro-batch (`Driver.run_batch`):
 5. Push the absolute states to the Feast online store (idempotent), then
    `mark_pushed` (clears the outbox).
 6. Commit the offsets to Kafka for `streaming.group_id` (manual assignment, no
-   group join). For monitoring and for tools; the state store's offsets win.
+   group join), at most every `streaming.kafka_commit_interval_s` and on exit. For
+   monitoring and for tools; the state store's offsets win.
 
 Steps 5-6 overlap the next batches (their merges read the states the earlier
 batches committed in step 4), per `streaming.push_mode`:
@@ -115,6 +116,7 @@ per-partition order (events keyed by user), as here.
 """
 from __future__ import annotations
 
+import math
 import logging
 import time
 from collections import Counter
@@ -194,6 +196,8 @@ class Driver:
         self._own_online = online is None
         self._pushes = None         # streaming.pusher.PushProcess | ThreadPusher (push_mode)
         self._inflight: list = []   # committed batches whose push is not confirmed yet
+        self._to_commit: dict[TP, int] = {}   # pushed offsets not yet committed to the Kafka group
+        self._kafka_committed_at = -math.inf
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -249,6 +253,8 @@ class Driver:
         return isinstance(self.online, OnlineStore)
 
     def close(self) -> None:
+        if getattr(self, "_committer", None) is not None:
+            self._commit_kafka({}, force=True)
         for name in ("_pushes", "experiments", "runner", "consumer", "_committer", "_tails", "producer", "store"):
             obj = getattr(self, name, None)
             if obj is not None:
@@ -408,12 +414,22 @@ class Driver:
         return BatchReport(batch_id, out.records, len(out.user_rows), len(out.items), dead, out.path, secs,
                            pushed_at, out.arrival_ms, dict(consumed), by_topic)
 
-    def _commit_kafka(self, offsets: dict[TP, int]) -> None:
-        if not offsets:
+    def _commit_kafka(self, offsets: dict[TP, int], *, force: bool = False) -> None:
+        """Commit pushed offsets to the Kafka group, at most every `kafka_commit_interval_s`
+        (and with `force`, on exit). The state store's offsets are what a restart resumes
+        from; the group's serve lag monitors, so they may trail by the interval. Each commit
+        is a broker write, and the embedded broker rewrites its whole store ~1 s after any
+        write (0.7 s of CPU per write at 300k stored records, measured)."""
+        self._to_commit.update(offsets)         # batches are confirmed in order: offsets only grow
+        now = time.monotonic()
+        if not self._to_commit or (not force and now - self._kafka_committed_at < self.cfg.kafka_commit_interval_s):
             return
         try:
-            self._committer.commit({TopicPartition(*tp): OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
-        except Exception as e:  # noqa: BLE001 - the state store holds the truth; retried next batch
+            self._committer.commit({TopicPartition(*tp): OffsetAndMetadata(o, "", -1)
+                                    for tp, o in self._to_commit.items()})
+            self._to_commit, self._kafka_committed_at = {}, now
+            self.totals["kafka_commits"] += 1
+        except Exception as e:  # noqa: BLE001 - the state store holds the truth; retried next time
             self.totals["kafka_commit_errors"] += 1
             log.warning("committing offsets to Kafka failed (the state store has them): %s", e)
 
@@ -451,4 +467,5 @@ class Driver:
                     time.sleep(self.cfg.idle_sleep_s)
         finally:
             self.wait_pushed()
+            self._commit_kafka({}, force=True)
         return done

@@ -62,6 +62,26 @@ def test_driver_applies_the_stream_in_batches_and_commits_offsets(kafka_cfg, fea
     assert committed == ends
 
 
+def test_kafka_offsets_are_committed_at_most_every_interval_and_on_exit(kafka_cfg, features_cfg, streaming_cfg):
+    lines = source_stream(EVENTS, 3000)
+    replay(lines, kafka_cfg)
+    cfg = dataclasses.replace(streaming_cfg, kafka_commit_interval_s=3600.0)
+    seen = []   # the group's committed offsets as each batch is reported
+    probe = KafkaConsumer(**client_kwargs(kafka_cfg), group_id=cfg.group_id, enable_auto_commit=False)
+    try:
+        def on_batch(report):
+            seen.append({tp: probe.committed(TopicPartition(*tp)) for tp in d.positions})
+        with Driver(kafka_cfg, cfg, features_cfg, on_batch=on_batch) as d:
+            d.run(once=True)
+            commits = d.totals["kafka_commits"]
+        final = {tp: probe.committed(TopicPartition(*tp)) for tp in seen[0]}
+    finally:
+        probe.close()
+    assert len(seen) >= 3
+    assert all(s == seen[0] for s in seen) and seen[0] != final   # the first batch's, until the exit
+    assert commits == 2 and final == end_offsets(kafka_cfg)
+
+
 def test_a_restarted_driver_resumes_where_the_store_stands(kafka_cfg, features_cfg, streaming_cfg):
     lines = source_stream(EVENTS, 2400)
     replay(lines[:1500], kafka_cfg)
