@@ -23,10 +23,11 @@ the offset after the last of them. Design choices:
   streaming/driver.py). Without it, one topic could run ahead of the other and
   its events would move a user's watermark past events still unread in the
   other topic, turning them `late`.
-* **A batch's ranges are read together** (`read_ranges`, on the in-process runner):
-  one consumer is assigned every partition of the batch, so one fetch request
-  covers them all, with each range's bounds and result exactly as `read_range`'s.
-  A parallel runner gets one range per work item instead, to spread the reads.
+* **One partition per fetch.** Reading all of a batch's partitions through one
+  consumer (one fetch request for all) cut a light-load batch's reads from ~100
+  to ~20 ms, but noida-db 0.2.3 never answers a multi-partition fetch that starts
+  far behind on partitions of ~200k records (20 s without a response, a full core
+  busy; single-partition fetches of the same data take ~1 s), so it was reverted.
 * **Manual assignment, no consumer group.** The reader assigns one partition
   and seeks; it never joins a group (a group join is slow and, on the embedded
   broker, can hang) and never commits: the driver decides what is committed,
@@ -46,7 +47,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import NamedTuple
 
 from kafka import KafkaConsumer, TopicPartition
@@ -142,101 +143,6 @@ def read_range(consumer: KafkaConsumer, rng: ReadRange, *,
             records.append((r.topic, r.partition, r.offset, r.timestamp, r.key, r.value))
             nbytes += size
             next_offset = r.offset + 1
-
-
-class _Reading:
-    """One partition's progress inside `read_ranges`."""
-
-    __slots__ = ("rng", "records", "nbytes", "next_offset", "stop")
-
-    def __init__(self, rng: ReadRange):
-        self.rng, self.records, self.nbytes, self.next_offset, self.stop = rng, [], 0, rng.start, None
-
-    def want(self) -> int:
-        """Records to ask for (read_range's rule: what the plan expects, +1 to see the cut)."""
-        left = self.rng.max_records - len(self.records)
-        return min(left, self.rng.end_hint - self.next_offset + 1 if self.next_offset < self.rng.end_hint
-                   else _TAIL_STEP)
-
-    def take(self, batch) -> None:
-        """read_range's per-record rules; sets `stop` when this partition is done."""
-        rng, records = self.rng, self.records
-        for r in batch:
-            if r.offset < self.next_offset:
-                continue
-            if len(records) >= rng.max_records:
-                self.stop = "max_records"
-                return
-            if 0 <= rng.until_ms < r.timestamp:
-                self.stop = "time_cut"
-                return
-            size = len(r.value or b"") + len(r.key or b"")
-            if records and self.nbytes + size > rng.max_bytes:
-                self.stop = "max_bytes"
-                return
-            records.append((r.topic, r.partition, r.offset, r.timestamp, r.key, r.value))
-            self.nbytes += size
-            self.next_offset = r.offset + 1
-        if len(records) >= rng.max_records:
-            self.stop = "max_records"
-
-    def result(self) -> RangeRead:
-        return RangeRead(self.records, self.next_offset, self.stop)
-
-
-def read_ranges(consumer: KafkaConsumer, ranges: Sequence[ReadRange], *,
-                clock: Callable[[], float] = time.monotonic) -> list[RangeRead]:
-    """Several ranges of distinct partitions through one consumer, each with exactly
-    `read_range`'s bounds and result, but sharing fetches: kafka-python asks a broker
-    for all of its assigned partitions in one request, so a batch's six small reads
-    cost one round trip instead of six (measured in a 5,000 events/s run: ~16 ms per
-    single-partition read of ~300 records). A partition that is done is dropped from the
-    assignment, so later fetches skip it. An empty poll (nothing for any partition
-    within the idle poll) ends every partition past its planned end, as in `read_range`."""
-    if len(ranges) == 1:
-        return [read_range(consumer, ranges[0], clock=clock)]
-    reading = {TopicPartition(r.topic, r.partition): _Reading(r) for r in ranges}
-    if len(reading) != len(ranges):
-        raise ValueError("read_ranges: one range per partition")
-    consumer.assign(list(reading))
-    for tp, st in reading.items():
-        consumer.seek(tp, st.rng.start)
-    t0 = clock()
-    active = dict(reading)
-
-    def done(tp: TopicPartition, stop: str | None = None) -> None:
-        if stop is not None:
-            active[tp].stop = stop
-        del active[tp]
-        if active:   # not pause(): kafka-python 3.0 can park a paused partition's buffer for good
-            consumer.assign(list(active))   # (positions of the others are kept)
-
-    while active:
-        now = clock()
-        for tp, st in list(active.items()):
-            if len(st.records) >= st.rng.max_records:
-                done(tp, "max_records")
-            elif now >= t0 + st.rng.max_wait_s:
-                done(tp, "max_wait")
-        if not active:
-            break
-        left_ms = (t0 + min(st.rng.max_wait_s for st in active.values()) - now) * 1000.0
-        idle_ms = min(st.rng.idle_poll_ms for st in active.values())
-        polled = consumer.poll(timeout_ms=max(1, int(min(idle_ms, left_ms))),
-                               max_records=max(1, sum(st.want() for st in active.values())))
-        if not any(polled.values()):
-            for tp, st in list(active.items()):
-                if st.next_offset >= st.rng.end_hint:   # below it, records are known to exist
-                    done(tp, "idle")
-            continue
-        for tp, batch in polled.items():
-            st = active.get(tp)
-            if st is None or not batch:
-                continue
-            st.take(batch)
-            if st.stop is not None:
-                done(tp)
-    return [reading[TopicPartition(r.topic, r.partition)].result() for r in ranges]
 
 
 def tail_timestamps(consumer: KafkaConsumer, ends: dict[tuple[str, int], int], *,

@@ -46,7 +46,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from unirec.features.state import decode_user, encode_user
 from unirec.streaming.beam_tuning import tune
-from unirec.streaming.kafka_source import POOL, ReadRange, read_ranges
+from unirec.streaming.kafka_source import POOL, ReadRange, read_range
 from unirec.streaming.transforms import (
     BatchSpec, MicroBatch, group_by_key_group, parse_records, progress_of, update_items, update_users,
 )
@@ -134,7 +134,7 @@ def _read_outputs(out_dir: Path) -> BatchOutputs:
 
 
 class _ExpandPlan(beam.DoFn):
-    """The plan file of the current batch -> its work items (tuples of ReadRanges)."""
+    """The plan file of the current batch -> its ReadRange work items."""
 
     def process(self, plan_path: str):
         with open(plan_path, "rb") as f:
@@ -156,15 +156,6 @@ def build_pipeline(p: beam.Pipeline, plan_path: str, spec: BatchSpec, out_dir: s
     # pipeline's last leaf, so every output must flow into it.
     labelled = [outs[kind] | f"Label_{kind}" >> beam.ParDo(_Label(kind)) for kind in OUTPUT_KINDS if kind in outs]
     labelled | "AllOutputs" >> beam.Flatten() | "WriteOutputs" >> beam.ParDo(_WriteOutput(out_dir))
-
-
-def read_groups(ranges: list[ReadRange], *, together: bool) -> list[tuple[ReadRange, ...]]:
-    """Work items: all of a batch's ranges in one (`together`: one consumer, fetches shared
-    by every partition, see `kafka_source.read_ranges`; the in-process FnApiRunner has
-    one worker anyway), or one range each, for a parallel runner to spread."""
-    if not ranges:
-        return []
-    return [tuple(ranges)] if together else [(r,) for r in ranges]
 
 
 class BeamBatchRunner:
@@ -231,8 +222,7 @@ class BeamBatchRunner:
         shutil.rmtree(self.out_dir, ignore_errors=True)
         self.out_dir.mkdir(parents=True)
         with open(self.plan_path, "wb") as f:
-            pickle.dump(read_groups(ranges, together=self.runner_name == "FnApiRunner"), f,
-                        protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump(list(ranges), f, protocol=pickle.HIGHEST_PROTOCOL)
         if self.runner_name == "FnApiRunner":
             self._run_fnapi()
         else:
@@ -259,7 +249,8 @@ def run_in_process(ranges: list[ReadRange], spec: BatchSpec, store) -> BatchOutp
     consumer = POOL.acquire(dict(spec.reader))
     try:
         records = []
-        for rng, res in zip(ranges, read_ranges(consumer, ranges) if ranges else []):
+        for rng in ranges:
+            res = read_range(consumer, rng)
             records.extend(res.records)
             out.progress.append(progress_of(rng, res))
     finally:

@@ -58,7 +58,7 @@ from unirec.features.state import encode_user
 from unirec.streaming.config import EventLimits
 from unirec.streaming.deadletter import DeadLetter
 from unirec.streaming.events import ClickEvent, DecodeError, QueryEvent, decode
-from unirec.streaming.kafka_source import POOL, ReadRange, read_ranges
+from unirec.streaming.kafka_source import POOL, ReadRange, read_range
 
 DEAD_LETTER = "dead_letter"
 PROGRESS = "progress"
@@ -313,12 +313,12 @@ class _ReadRangeFn(beam.DoFn):
     def setup(self):
         self.consumer = POOL.acquire(self.reader)
 
-    def process(self, group: tuple[ReadRange, ...]):
-        for rng, res in zip(group, read_ranges(self.consumer, group)):
-            self.read_counter.inc(len(res.records))
-            for i in range(0, len(res.records), self.chunk_records):
-                yield emit(MAIN, res.records[i:i + self.chunk_records])
-            yield emit(PROGRESS, progress_of(rng, res))
+    def process(self, rng: ReadRange):
+        res = read_range(self.consumer, rng)
+        self.read_counter.inc(len(res.records))
+        for i in range(0, len(res.records), self.chunk_records):
+            yield emit(MAIN, res.records[i:i + self.chunk_records])
+        yield emit(PROGRESS, progress_of(rng, res))
 
     def teardown(self):
         consumer, self.consumer = getattr(self, "consumer", None), None
@@ -327,8 +327,7 @@ class _ReadRangeFn(beam.DoFn):
 
 
 class ReadKafkaRanges(beam.PTransform):
-    """Work items (tuples of ReadRanges of distinct partitions, read together) ->
-    {MAIN: chunks of records, PROGRESS: one `progress_of` tuple per range}."""
+    """ReadRange -> {MAIN: chunks of records, PROGRESS: one `progress_of` tuple per range}."""
 
     def __init__(self, reader: Mapping[str, Any], chunk_records: int = 5000):
         super().__init__()

@@ -14,7 +14,7 @@ from unirec.features.state import StateStore
 from unirec.streaming.broker import client_kwargs
 from unirec.streaming.config import StreamingConfig
 from unirec.streaming.driver import Driver
-from unirec.streaming.kafka_source import POOL, ReadRange, read_range, read_ranges, reader_config, tail_timestamps
+from unirec.streaming.kafka_source import POOL, ReadRange, read_range, reader_config, tail_timestamps
 from unirec.streaming.microbatch import run_beam, run_in_process
 from unirec.streaming.replay import replay
 from unirec.streaming.synthetic import compare, expected, source_stream
@@ -173,37 +173,6 @@ def test_read_range_stops_at_each_bound_and_resumes_without_gap(kafka_cfg):
         assert time.monotonic() - t0 < 5
     finally:
         POOL.release(config, consumer)
-
-
-def test_read_ranges_shares_fetches_and_stops_each_partition_as_read_range_does(kafka_cfg):
-    producer = KafkaProducer(**client_kwargs(kafka_cfg))
-    clicks, queries = kafka_cfg.topics.clicks, kafka_cfg.topics.queries
-    t0 = int(time.time() * 1000) - 60_000   # recent: the broker's retention would drop 1970's records
-    for topic in (clicks, queries):
-        for p in range(3):
-            for i in range(30):
-                producer.send(topic, key=b"k", value=b"x" * 10, partition=p, timestamp_ms=t0 + i)
-    producer.flush()
-    producer.close()
-    config = reader_config(client_kwargs(kafka_cfg), 50)
-    ranges = [ReadRange(clicks, 0, 0, 12, 1 << 20, 3.0, 50, 30),                     # max_records
-              ReadRange(clicks, 1, 5, 100, 5 * 11, 3.0, 50, 30),                    # max_bytes
-              ReadRange(clicks, 2, 3, 100, 1 << 20, 3.0, 50, 30, t0 + 24),          # time cut
-              ReadRange(queries, 0, 25, 100, 1 << 20, 3.0, 50, 30),                 # idle at the end
-              ReadRange(queries, 1, 30, 100, 1 << 20, 0.5, 50, 40),                 # over-reported end
-              ReadRange(queries, 2, 0, 100, 1 << 20, 3.0, 50, 30)]                  # everything
-    consumer = POOL.acquire(config)
-    try:
-        together = read_ranges(consumer, ranges)
-        alone = [read_range(consumer, r) for r in ranges]
-    finally:
-        POOL.release(config, consumer)
-    assert [(len(r.records), r.next_offset, r.stop) for r in together] == [
-        (12, 12, "max_records"), (5, 10, "max_bytes"), (22, 25, "time_cut"), (5, 30, "idle"),
-        (0, 30, "max_wait"), (30, 30, "idle")]
-    assert together == alone
-    assert all(rec[:3] == (r.topic, r.partition, r.start + i)
-               for r, res in zip(ranges, together) for i, rec in enumerate(res.records))
 
 
 def test_batches_stay_within_budget_and_cover_the_same_arrival_time(kafka_cfg, features_cfg, streaming_cfg):
