@@ -73,9 +73,9 @@ def free_port() -> int:
 def own_broker(tmp: Path, name: str):
     """A fresh embedded broker for one stage of the bench. noida-db rewrites its whole
     store about a second after any write (a produce, an offset commit): measured 0.7 s
-    of CPU per write at 300k stored records, ~2.5 s at 1.1M. Sharing one broker would
-    bill each stage for the records of the stages before it (the latency runs, whose
-    producer writes continuously, came after 1.1M records of throughput runs)."""
+    of CPU per write at 300k stored records (~2.5 s at 1.1M, extrapolated). Sharing one
+    broker would bill each stage for the records of the stages before it (the latency
+    runs, whose producer writes continuously, came after 1.1M records of throughput runs)."""
     kafka = KafkaConfig(bootstrap_servers=f"127.0.0.1:{free_port()}", partitions=3,
                         embedded=EmbeddedBroker(run_dir=str(tmp / f"broker-{name}")))
     broker.start(kafka)
