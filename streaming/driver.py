@@ -116,8 +116,8 @@ per-partition order (events keyed by user), as here.
 """
 from __future__ import annotations
 
-import math
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -391,8 +391,11 @@ class Driver:
                     self.on_batch(report)
 
     def poll_pushed(self) -> None:
-        """Report the batches whose push has completed (re-raises a push's error)."""
+        """Report the batches whose push has completed (re-raises a push's error), and
+        commit pushed offsets whose interval has passed (so an idle pipeline's group
+        offsets catch up with what it has done)."""
         self._confirmed(self._pushes.poll())
+        self._commit_kafka({})
 
     def wait_pushed(self) -> None:
         """Block until every committed batch is pushed (re-raises a push's error)."""

@@ -82,6 +82,32 @@ def test_kafka_offsets_are_committed_at_most_every_interval_and_on_exit(kafka_cf
     assert commits == 2 and final == end_offsets(kafka_cfg)
 
 
+def test_an_idle_driver_commits_what_it_pushed_once_the_interval_passes(kafka_cfg, features_cfg, streaming_cfg):
+    lines = source_stream(EVENTS, 1500)
+    replay(lines, kafka_cfg)
+    cfg = dataclasses.replace(streaming_cfg, kafka_commit_interval_s=1.0)
+    probe = KafkaConsumer(**client_kwargs(kafka_cfg), group_id=cfg.group_id, enable_auto_commit=False)
+    ends = end_offsets(kafka_cfg)
+    with Driver(kafka_cfg, cfg, features_cfg) as d:
+        runner = threading.Thread(target=d.run, daemon=True)
+        runner.start()
+        try:
+            deadline = time.monotonic() + 60
+            committed = {}
+            while time.monotonic() < deadline:   # still running, nothing new to read
+                committed = {tp: probe.committed(TopicPartition(*tp)) for tp in ends}
+                if committed == ends:
+                    break
+                time.sleep(0.5)
+            records = d.totals["records"]
+        finally:
+            d.stop()
+            runner.join()
+            probe.close()
+    assert records == len(lines)
+    assert committed == ends
+
+
 def test_a_restarted_driver_resumes_where_the_store_stands(kafka_cfg, features_cfg, streaming_cfg):
     lines = source_stream(EVENTS, 2400)
     replay(lines[:1500], kafka_cfg)
