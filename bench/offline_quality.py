@@ -37,9 +37,10 @@ once, one per core: by default every variant on two seeds (the config's and
 the next), a variant's two seeds side by side under the same load, and the
 means reported; seven variants x two seeds + evaluation take ~14 min on 2 cores.
 A longer budget does not help either model: at 3,300-5,000 steps both overfit
-(validation NDCG@10 peaks near epoch 9-12, test NDCG@10 ~0.100 for both, seeds 1-2). The last stdout line is one JSON object; stderr also logs each
-variant's validation NDCG@10 and AUC, the only figures a choice between
-settings may use (`--seed` changes the training seed, to see the run-to-run spread).
+(validation NDCG@10 peaks near epoch 9-12, test NDCG@10 ~0.100 for both, seeds 1-2).
+The last stdout line is one JSON object; stderr also logs each variant's
+validation NDCG@10 and AUC, the only figures a choice between settings may use
+(`--seed` changes the training seed, to see the run-to-run spread).
 
 One run's test NDCG@10 moves by ~0.005 between seeds, as much as most differences
 between variants. With several seeds (`--seeds 1,2,3,4`; `--seed S` for one) the
@@ -152,10 +153,9 @@ def main(argv=None) -> int:
                              epochs=2 if args.quick else tc.epochs, seed=tc.seed if args.seed is None else args.seed)
     seeds = ([int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds
              else [tc.seed] if args.seed is not None or args.quick else [tc.seed, tc.seed + 1])
-    offline.tune_malloc()
-    torch.set_num_threads(tc.threads)
     t0 = time.perf_counter()
-    ds = offline.load(prepare(cfg.data), mc)
+    _init_worker(cfg.data, mc, tc)   # this process: the baselines, and the variants with one job
+    ds = _WORKER["ds"]
     models = {}
     for name, mask in (("popularity", True), ("popularity_unmasked", False)):
         models[name] = row(offline.popularity_metrics(ds, ds.test, mask_seen=mask))
@@ -168,7 +168,6 @@ def main(argv=None) -> int:
         with mp.get_context("spawn").Pool(jobs, initializer=_init_worker, initargs=(cfg.data, mc, tc)) as pool:
             done = pool.map(_train_variant, tasks, chunksize=1)
     else:
-        _WORKER["ds"], _WORKER["mc"], _WORKER["tc"] = ds, mc, tc
         done = [_train_variant(t) for t in tasks]
     runs: dict[str, list[dict]] = {}
     for (name, _seed), result in zip(tasks, done):
@@ -177,9 +176,8 @@ def main(argv=None) -> int:
         models[name] = row(offline.mean_over_seeds(rows))
     result = {"dataset": "ml-100k", "protocol": "RecBole LS valid_and_test, TO, full ranking, seen items unmasked",
               "budget_s_per_variant": None if steps else budget, "steps_per_variant": steps or None,
-              "threads": tc.threads,
+              "threads": tc.threads, "jobs": jobs,
               "total_seconds": round(time.perf_counter() - t0, 1), "models": models}
-    result["jobs"] = jobs
     if len(seeds) > 1:
         result |= {"seeds": seeds, "per_seed": runs}
         if "unified" in runs and "retrieval_only" in runs:
