@@ -12,7 +12,7 @@ from unirec.cli import main
 from unirec.streaming.broker import client_kwargs
 from unirec.streaming.config import KafkaTopics
 from unirec.streaming.events import decode
-from unirec.streaming.replay import Pacer, ReplayError, read_lines, replay
+from unirec.streaming.replay import PACE_SLACK_S, Pacer, ReplayError, read_lines, replay
 
 
 def make_stream(n_clicks: int, n_users: int = 7, seed: int = 0) -> list[dict]:
@@ -101,6 +101,22 @@ def test_rate_spaces_sends_evenly():
     replay(make_stream(50)[:40], producer, rate=10.0, clock=clock, sleep=clock.sleep)
     assert clock.now == pytest.approx(3.9)  # event i goes out at i / rate
     assert len(producer.sent) == 40
+
+
+def test_fast_rates_sleep_in_ticks_and_send_no_event_more_than_the_slack_early():
+    clock = FakeClock()
+    sent_at = []
+
+    class TimedProducer(FakeProducer):
+        def send(self, topic, key=None, value=None):
+            sent_at.append(clock.now)
+            return super().send(topic, key, value)
+
+    replay(make_stream(300)[:200], TimedProducer(), rate=1000.0, clock=clock, sleep=clock.sleep)
+    assert len(sent_at) == 200
+    assert all(t >= i / 1000.0 - PACE_SLACK_S - 1e-9 for i, t in enumerate(sent_at))  # never early by more
+    assert len(clock.slept) <= 200 * 0.001 / PACE_SLACK_S + 1   # one sleep per slack's worth of events
+    assert clock.now == pytest.approx(0.199, abs=PACE_SLACK_S)
 
 
 def test_speedup_divides_event_time_gaps():
