@@ -30,6 +30,10 @@ cProfile of the generated-stream throughput run (CPU time of the driver's main t
 Per throughput run, CPU microseconds per event of the driver, the push process and the
 embedded broker (the third process on the two cores; `cpu_us_per_event` stays driver +
 pusher), and `plan_probes`, the broker time-index probes the planner made.
+Per latency run, `cpu_cores`: the CPU each process used per second of the run, from the
+first send to the last push (driver, push process, broker, and the load generator, which
+offers its events from the same two cores), so a reader can see how much of the machine
+the pipeline had.
 """
 from __future__ import annotations
 
@@ -160,8 +164,10 @@ def throughput(name: str, lines: list[bytes], kafka: KafkaConfig, scfg: Streamin
             "mismatched_items": len(check.mismatched_items), "dead_letter": dead}
 
 
-def _produce(kafka: KafkaConfig, lines: list[bytes], rate: float) -> None:
+def _produce(kafka: KafkaConfig, lines: list[bytes], rate: float, cpu_out) -> None:
+    t0, cpu0 = time.time(), time.process_time()   # after the spawned process's imports
     replay(lines, kafka, rate=rate)
+    cpu_out.put((t0, time.process_time() - cpu0))  # first send; CPU seconds, all its threads
 
 
 def latency(name: str, lines: list[bytes], rate: float, kafka: KafkaConfig, scfg: StreamingConfig,
@@ -172,7 +178,10 @@ def latency(name: str, lines: list[bytes], rate: float, kafka: KafkaConfig, scfg
     runner = threading.Thread(target=driver.run, daemon=True)
     runner.start()
     time.sleep(2.0)  # the first batch builds the Beam pipeline; measure the steady state
-    producer = mp.get_context("spawn").Process(target=_produce, args=(k, lines, rate))
+    ctx = mp.get_context("spawn")
+    cpu_out = ctx.Queue()
+    producer = ctx.Process(target=_produce, args=(k, lines, rate, cpu_out))
+    cpu0, child0, broker0 = time.process_time(), _pusher_cpu(driver), _broker_cpu(k)
     producer.start()
     producer.join()
     deadline = time.time() + 60
@@ -180,6 +189,10 @@ def latency(name: str, lines: list[bytes], rate: float, kafka: KafkaConfig, scfg
         time.sleep(0.1)
     driver.stop()
     runner.join()
+    first_send, load_cpu = cpu_out.get(timeout=10)
+    seconds = max(r.pushed_at for r in reports) - first_send
+    cpu = {"driver": time.process_time() - cpu0, "pusher": _pusher_cpu(driver) - child0,
+           "broker": _broker_cpu(k) - broker0, "load_generator": load_cpu}
     check = compare(driver.online, expected(lines, f))
     driver.close()
     for r in reports:
@@ -189,6 +202,9 @@ def latency(name: str, lines: list[bytes], rate: float, kafka: KafkaConfig, scfg
     return {"source": name, "events": len(lines), "offered_per_s": rate, "applied": len(lat),
             "latency_p50_s": round(q[49], 3), "latency_p95_s": round(q[94], 3), "latency_max_s": round(lat[-1], 3),
             "batches": len(reports), "mean_batch": round(len(lat) / max(1, len(reports))),
+            # where the two cores went while the load was offered and drained (the pipeline is
+            # driver + pusher; the broker and the load generator share the machine with it)
+            "cpu_cores": {p: round(c / seconds, 2) for p, c in cpu.items()},
             "lost": check.lost, "duplicated": check.duplicated,
             "mismatched_users": len(check.mismatched_users)}
 
@@ -261,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                                          "phase_seconds": r["phase_seconds"]} for r in runs},
             "latency": {x["source"]: {"offered_per_s": x["offered_per_s"], "events": x["events"],
                                       "p50_s": x["latency_p50_s"], "p95_s": x["latency_p95_s"],
-                                      "mean_batch": x["mean_batch"]} for x in lats},
+                                      "mean_batch": x["mean_batch"], "cpu_cores": x["cpu_cores"]} for x in lats},
         },
     }
     print(json.dumps(summary))
