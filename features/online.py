@@ -26,6 +26,9 @@ stores exactly what `online_write_batch` stores for `user_rows` / `item_rows` (b
 11 Values per user was most of the push process's Python time; tests compare the stored
 rows with Feast's own store byte for byte, and read them back through Feast).
 
+On Redis the same bytes go out through `fast_stores.RedisEncodedWriter`: one pipelined
+HSET per entity, as Feast's own `skip_dedup` write sends it.
+
 The store behind `online_write_batch` is Feast's Redis store, or for SQLite
 `fast_stores.FastSqliteOnlineStore` (`sqlite_batched_writes`, default): Feast's SQLite
 store with the per-(entity, feature) INSERT loop replaced by one executemany.
@@ -250,14 +253,17 @@ class OnlineStore:
 
     @functools.cached_property
     def _encoded_store(self):
-        """The online store when rows can skip the Value objects: the batched SQLite store
-        (`fast_stores.FastSqliteOnlineStore`) on the "batch" write path; else None."""
+        """What takes rows without the Value objects on the "batch" write path: the batched
+        SQLite store (`fast_stores.FastSqliteOnlineStore`) or, on Redis, a
+        `fast_stores.RedisEncodedWriter`; else None."""
         if self.write_path != "batch":
             return None
-        from unirec.features.fast_stores import FastSqliteOnlineStore
+        from unirec.features.fast_stores import FastSqliteOnlineStore, RedisEncodedWriter
 
         store = getattr(self.store._get_provider(), "online_store", None)
-        return store if isinstance(store, FastSqliteOnlineStore) and store.batched(self.store.config) else None
+        if isinstance(store, FastSqliteOnlineStore):
+            return store if store.batched(self.store.config) else None
+        return RedisEncodedWriter.for_store(store, self.store.config)
 
     def push_items(self, stats: Sequence[ItemStats]) -> int:
         stats = list(stats)

@@ -1,9 +1,11 @@
-"""Wire bytes of the Feast `ValueProto`s this repo writes, built without protobuf objects.
+"""Wire bytes of the Feast `ValueProto`s this repo writes, built without Value messages.
 
 The embedded SQLite online store keeps every feature value as the bytes of its
 `feast.types.Value` message. Building a Value per feature (11 per user row) and then
 serializing it costs ~4-5 us each through upb, most of the push process's Python
-time; the few message shapes user_sequence uses are simple enough to write directly:
+time. The few message shapes user_sequence uses are simple enough to write directly,
+and the lists inside them are upb's StringList / Int64List bytes (a C loop over the
+elements, far faster than Python's; a Value around them would copy the list):
 
     Value { string_list_val = 12: StringList { repeated string val = 1 } }   tag 0x62
     Value { int64_list_val  = 14: Int64List  { repeated int64  val = 1 } }   tag 0x72 (packed)
@@ -17,6 +19,7 @@ test_proto_bytes.py checks every function against `Value(...).SerializeToString(
 """
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterable
 
@@ -44,36 +47,26 @@ def _field(tag: bytes, payload: bytes) -> bytes:
     return tag + (_SMALL[n] if n < 128 else varint(n)) + payload
 
 
-# Element bytes of strings seen before: user_sequence's lists repeat a small vocabulary
-# (item ids, the two surfaces, "" for a click without a query), so most elements are a
-# dict hit instead of encode + length prefix + concatenation (push process: string_list
-# was ~17% of its CPU; a 50-item list 15.7 -> 6.3 us). Bounded, and full means no more
-# entries rather than cleared: query ids are mostly unique, and clearing on every 200k
-# of them made a list of item ids and query ids slower than no cache (15.0 -> 16.0 us).
-_ELEMENTS: dict[str, bytes] = {}
-_ELEMENTS_MAX = 200_000
-
-
-def _element(s: str) -> bytes:
-    b = s.encode("utf-8")
-    n = len(b)
-    e = b"\n" + (_SMALL[n] if n < 128 else varint(n)) + b
-    if len(_ELEMENTS) < _ELEMENTS_MAX:
-        _ELEMENTS[s] = e
-    return e
-
-
 def string_list(values: Iterable[str]) -> bytes:
-    """`Value(string_list_val=StringList(val=values)).SerializeToString()`."""
-    get = _ELEMENTS.get
-    return _field(b"b", b"".join([get(s) or _element(s) for s in values]))
+    """`Value(string_list_val=StringList(val=values)).SerializeToString()`: the list is
+    upb's StringList (its C loop encodes and length-prefixes every element: 20 new query
+    ids 19.8 -> 4.0 us against a Python loop with a cache of element bytes, which only
+    helped for strings seen before), the Value around it ours."""
+    return _field(b"b", _list_types()[0](val=values).SerializeToString())
 
 
 def int64_list(values: Iterable[int]) -> bytes:
-    """`Value(int64_list_val=Int64List(val=values)).SerializeToString()`."""
-    small = _SMALL
-    packed = b"".join([small[x] if 0 <= x < 128 else varint(x) for x in values])
-    return _field(b"r", _field(b"\n", packed) if packed else b"")
+    """`Value(int64_list_val=Int64List(val=values)).SerializeToString()`: the packed list
+    is upb's (its varints are a C loop: 50 epoch-second timestamps 22.4 -> 4.0 us, 200
+    labels 19.0 -> 10.5 us, against a Python loop over `varint`), the Value around it ours."""
+    return _field(b"r", _list_types()[1](val=values).SerializeToString())
+
+
+@functools.cache
+def _list_types():
+    from feast.protos.feast.types.Value_pb2 import Int64List, StringList  # imports feast: once a list is written
+
+    return StringList, Int64List
 
 
 def int64(x: int) -> bytes:

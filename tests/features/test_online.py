@@ -137,3 +137,33 @@ def test_batched_sqlite_store_writes_the_same_rows_as_feasts_store(tmp_path):
         dumps.append({t: sorted(db.execute(f'SELECT * FROM "{t}"').fetchall()) for t in tables})
         db.close()
     assert dumps[0] == dumps[1] and sum(len(rows) for rows in dumps[0].values()) > 0
+
+
+@pytest.mark.integration
+def test_redis_encoded_writes_store_the_hashes_feasts_own_write_stores(tmp_path):
+    import redis
+
+    from unirec.features.fast_stores import RedisEncodedWriter
+
+    users, items = states()
+    server = redis_local.start(tmp_path / "redis")
+    try:
+        dumps = []
+        for db, encoded in ((0, False), (1, True)):
+            cfg = cfg_for(tmp_path / str(db), online_store="redis",
+                          redis_connection_string=f"{server.connection_string},db={db}")
+            store = online.OnlineStore(cfg)
+            store.apply()
+            if not encoded:
+                store.__dict__["_encoded_store"] = None      # Feast's own online_write_batch
+            else:
+                assert isinstance(store._encoded_store, RedisEncodedWriter)
+            store.push_users(users)
+            store.push_items(items)
+            store.push_users(users[:1])  # an update in place
+            client = redis.Redis(host="127.0.0.1", port=server.port, db=db)
+            dumps.append({k: client.hgetall(k) for k in client.keys("*")})
+        assert dumps[0] == dumps[1]
+        assert len(dumps[0]) == len(users) + len(items)
+    finally:
+        server.stop()
