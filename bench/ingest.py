@@ -4,8 +4,9 @@
     .venv/bin/python bench/ingest.py --events 200000 --users 20000 --latency-seconds 10
 
 Starts an embedded broker (noida-db, free port, temp dir) and a fresh SQLite Feast
-store per stage, the way `unirec broker start` / `unirec pipeline run` do (a broker
-per stage: see `own_broker`), then:
+store per stage (`--online-store redis`: a Redis one, on a redis-server of its own),
+the way `unirec broker start` / `unirec pipeline run` do (a broker per stage: see
+`own_broker`), then:
 
 1. Throughput, per source (ML-100k `events.jsonl` if prepared, and a generated
    stream of `--events` over `--users`): all events are produced first, then the
@@ -53,6 +54,7 @@ import time
 import uuid
 from pathlib import Path
 
+from unirec.features import redis_local
 from unirec.features.config import FeaturesConfig
 from unirec.streaming import broker
 from unirec.streaming.config import EmbeddedBroker, KafkaConfig, KafkaTopics, StreamingConfig
@@ -89,11 +91,18 @@ def own_broker(tmp: Path, name: str):
         broker.stop(kafka)
 
 
+ONLINE_STORE = "sqlite"            # --online-store; with "redis", each stage gets its own redis-server
+_REDIS: list = []                  # servers started by `fresh`, stopped at the end of main
+
+
 def fresh(kafka: KafkaConfig, tmp: Path, name: str) -> tuple[KafkaConfig, FeaturesConfig]:
     sfx = f"{name}-{uuid.uuid4().hex[:6]}"
     k = dataclasses.replace(kafka, topics=KafkaTopics(f"clicks-{sfx}", f"queries-{sfx}", f"dead-{sfx}"))
     broker.ensure_topics(k)
     f = FeaturesConfig(repo_dir=str(tmp / f"feast-{sfx}"), state_path=str(tmp / f"state-{sfx}.sqlite"))
+    if ONLINE_STORE == "redis":
+        _REDIS.append(redis_local.start(tmp / f"redis-{sfx}"))
+        f = dataclasses.replace(f, online_store="redis", redis_connection_string=_REDIS[-1].connection_string)
     return k, f
 
 
@@ -221,7 +230,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", choices=("ml100k", "generated", "latency", "latency-ml100k", "latency-generated"),
                     action="append", default=[])
     ap.add_argument("--profile", default=None, help="write a cProfile of the generated throughput run here")
+    ap.add_argument("--online-store", choices=("sqlite", "redis"), default="sqlite",
+                    help="Feast online store: the embedded SQLite default, or Redis (a redis-server per stage)")
     args = ap.parse_args(argv)
+    global ONLINE_STORE
+    ONLINE_STORE = args.online_store
+    try:
+        return _main(args)
+    finally:
+        for server in _REDIS:
+            server.stop()
+
+
+def _main(args) -> int:
     logging.basicConfig(level=logging.WARNING)
     log.setLevel(logging.INFO)
     scfg = StreamingConfig()
@@ -258,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     # Headline latency: the worst of the latency runs (each stream's own numbers are under "runs").
     summary = {
         "events": events,
+        "online_store": ONLINE_STORE,
         "events_per_s": round(events / seconds) if seconds else None,
         "latency_p50_s": max((x["latency_p50_s"] for x in lats), default=None),
         "latency_p95_s": max((x["latency_p95_s"] for x in lats), default=None),
