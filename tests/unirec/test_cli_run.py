@@ -57,7 +57,10 @@ monitoring: {{bind: "127.0.0.1:0", log_path: {tmp_path}/run/metrics.jsonl}}
     try:
         for _ in range(2):   # the second --fresh run must not see the first run's events again
             assert main(["-c", str(cfg_path), "run", "--fresh", "--rate", "0"]) == 0
-            summary = json.loads(capsys.readouterr().out)
+            out = capsys.readouterr()
+            summary = json.loads(out.out)
+            # the broker it started outlives the run, and the user is told how to stop it
+            assert f"keeps running at {cfg.kafka.bootstrap_servers}" in out.err and "unirec broker stop" in out.err
             events = [json.loads(line) for line in open(tmp_path / "cache/ml-100k/events.jsonl")]
             assert summary["events_replayed"] == len(events) > 600          # clicks + synthetic queries
             assert summary["pipeline"]["records"] == len(events)

@@ -191,8 +191,10 @@ def _run(args: argparse.Namespace) -> int:
         _wipe(cfg)
     if broker.answers_metadata(cfg.kafka):
         _say(f"using the Kafka cluster at {cfg.kafka.bootstrap_servers}")
+        embedded = None
     else:
-        _say(f"starting the embedded broker: {broker.start(cfg.kafka)}")
+        embedded = broker.start(cfg.kafka)
+        _say(f"starting the embedded broker: {embedded}")
     broker.ensure_topics(cfg.kafka)
     learn = cfg.online.enabled and not args.no_learn
     monitor = _monitor(cfg)
@@ -231,6 +233,9 @@ def _run(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=2, default=str))
     if "report" in summary["artefacts"]:
         _say(f"report: {summary['artefacts']['report']}")
+    if embedded is not None:
+        _say(f"the embedded broker keeps running at {embedded.address} (topics can be inspected); "
+             "stop it with `unirec broker stop`")
     return 0
 
 
