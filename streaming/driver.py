@@ -131,7 +131,7 @@ from unirec.features.state import encode_item
 from unirec.streaming.broker import client_kwargs
 from unirec.streaming.config import KafkaConfig, StreamingConfig
 from unirec.streaming.deadletter import send_dead_letters
-from unirec.streaming.kafka_source import ReadRange, new_reader, reader_config
+from unirec.streaming.kafka_source import POOL, ReadRange, new_reader, reader_config
 from unirec.streaming.plan import Planner
 from unirec.streaming.microbatch import BatchOutputs, BeamBatchRunner, run_in_process
 from unirec.streaming.transforms import BatchSpec
@@ -259,6 +259,8 @@ class Driver:
             obj = getattr(self, name, None)
             if obj is not None:
                 obj.close()
+        if getattr(self, "spec", None) is not None:
+            POOL.close_idle(dict(self.spec.reader))   # the readers its in-process Beam runs pooled
 
     def __enter__(self) -> Driver:
         return self.open()

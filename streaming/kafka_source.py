@@ -195,6 +195,19 @@ class ConsumerPool:
         with self._lock:
             self._idle.setdefault(self._key(config), []).append(consumer)
 
+    def idle_count(self, config: dict) -> int:
+        with self._lock:
+            return len(self._idle.get(self._key(config), ()))
+
+    def close_idle(self, config: dict) -> int:
+        """Close the idle consumers of one configuration (a driver closing: nothing will
+        take them again, and each holds a connection and a network thread); returns how many."""
+        with self._lock:
+            idle = self._idle.pop(self._key(config), [])
+        for c in idle:
+            c.close()
+        return len(idle)
+
     def close_all(self) -> None:
         with self._lock:
             pools, self._idle = self._idle, {}

@@ -48,10 +48,14 @@ def test_driver_applies_the_stream_in_batches_and_commits_offsets(kafka_cfg, fea
     lines = source_stream(EVENTS, 3000)
     replay(lines, kafka_cfg)
     reports = []
+    readers = reader_config(client_kwargs(kafka_cfg), streaming_cfg.idle_poll_ms)
     with Driver(kafka_cfg, streaming_cfg, features_cfg, on_batch=reports.append) as d:
         d.run(once=True)
         result = compare(d.online, expected(lines, features_cfg))
         committed = {tp: d.consumer.committed(TopicPartition(*tp)) for tp in d.positions}
+        pooled = POOL.idle_count(readers)
+    # the Beam runs' reader consumers wait in the pool between batches, and close with the driver
+    assert pooled >= 1 and POOL.idle_count(readers) == 0
     assert len(reports) >= 3 and sum(r.records for r in reports) == len(lines)
     assert all(r.path == "beam" for r in reports)
     assert result.identical, result
