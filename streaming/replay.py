@@ -26,8 +26,8 @@ Design choices:
   all the replay needs from it.
   With both, replaying 50k generated events at 5,000/s costs 68 instead of 82 us
   of CPU per event (two runs each, idle machine; it sleeps every 25 events
-  instead of every 5, and parses faster). This matters to bench/ingest.py, whose latency runs offer their load
-  from the same two cores the pipeline runs on.
+  instead of every 5, and parses faster). This matters to bench/ingest.py,
+  whose latency runs offer their load from the same two cores the pipeline runs on.
 * Batching: kafka-python batches per partition (`linger_ms`, `batch_size`);
   `replay` flushes once at the end (and every `flush_every` events if set) and
   raises `ReplayError` if any send failed, so "replayed N" means N acknowledged.
@@ -43,11 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-try:
-    from orjson import JSONDecodeError as _FastError
-    from orjson import loads as _fast_loads
-except ImportError:  # pragma: no cover - orjson is a dependency; the strict parser still works
-    _fast_loads, _FastError = json.loads, ValueError
+import orjson
 
 from unirec.streaming.broker import client_kwargs
 from unirec.streaming.config import KafkaConfig, KafkaTopics
@@ -125,8 +121,8 @@ def route(event: Any, topics: KafkaTopics) -> tuple[str, bytes, bytes, int]:
 
 def _loads(raw: bytes) -> Any:
     try:
-        return _fast_loads(raw)
-    except _FastError:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
         return json.loads(raw)   # the strict parser's reading, or its error message
 
 
