@@ -17,7 +17,10 @@ RecBole does for it; `popularity_unmasked` is the like-for-like row),
 SASRec-like), `unified`, and the ablations `unified_no_enhancer`,
 `unified_no_weighter` (fixed weights 1/1), `unified_no_time` (no time bands:
 plain RoPE), `unified_no_query` (no queries in its input, no search task; it
-answers a search with its recommendation state), `unified_no_repeat` (no learned repeat logit).
+answers a search with its recommendation state), `unified_no_repeat` (no learned repeat logit),
+and, only when named in `--variants`, `unified_minilm` (`model.sentence_encoder`: item
+vectors also get a learned projection of each item text's frozen all-MiniLM-L6-v2
+vector, model/sentence.py; the encoder is fetched and the titles encoded once, cached).
 
 The repeat logit (`ModelConfig.repeat_bias`, on in every other neural variant,
 `retrieval_only` included) is part of the model, not of the protocol: one
@@ -73,6 +76,7 @@ METRICS = ("hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20", "auc", "gauc",
            "search_recall@10", "search_ndcg@10", "train_seconds")
 VARIANTS = ("retrieval_only", "unified", "unified_no_enhancer", "unified_no_weighter",
             "unified_no_time", "unified_no_query", "unified_no_repeat")
+EXTRA_VARIANTS = ("unified_minilm",)    # run when named in --variants (not in the default set)
 
 
 def variant_configs(name, mc, tc):
@@ -93,6 +97,8 @@ def variant_configs(name, mc, tc):
         return rep(mc, use_queries=False), tc
     if name == "unified_no_repeat":
         return rep(mc, repeat_bias=False), tc
+    if name == "unified_minilm":
+        return rep(mc, sentence_encoder=True), tc
     raise ValueError(f"unknown variant {name!r}")
 
 
@@ -103,10 +109,14 @@ def row(values: dict) -> dict:
 _WORKER: dict = {}   # per process: the dataset and base configs (`_init_worker`)
 
 
-def _init_worker(data_cfg, mc, tc) -> None:
+def _init_worker(data_cfg, mc, tc, sentence: bool = False) -> None:
+    """`sentence`: the dataset's vocabulary also holds the items' MiniLM vectors (a variant
+    with `sentence_encoder` needs them; the others ignore them)."""
     offline.tune_malloc()
     torch.set_num_threads(tc.threads)
-    _WORKER["ds"], _WORKER["mc"], _WORKER["tc"] = offline.load(prepare(data_cfg), mc), mc, tc
+    lmc = dataclasses.replace(mc, sentence_encoder=True) if sentence else mc
+    _WORKER["ds"] = offline.load(prepare(data_cfg), lmc, Path(data_cfg.cache_dir))
+    _WORKER["mc"], _WORKER["tc"] = mc, tc
 
 
 def _train_variant(task: tuple[str, int]) -> dict:
@@ -153,8 +163,13 @@ def main(argv=None) -> int:
                              epochs=2 if args.quick else tc.epochs, seed=tc.seed if args.seed is None else args.seed)
     seeds = ([int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds
              else [tc.seed] if args.seed is not None or args.quick else [tc.seed, tc.seed + 1])
+    names = [n for n in args.variants.split(",") if n]
+    unknown = sorted(set(names) - set(VARIANTS) - set(EXTRA_VARIANTS))
+    if unknown:
+        ap.error(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS + EXTRA_VARIANTS)}")
+    sentence = any(variant_configs(n, mc, tc)[0].sentence_encoder for n in names)
     t0 = time.perf_counter()
-    _init_worker(cfg.data, mc, tc)   # this process: the baselines, and the variants with one job
+    _init_worker(cfg.data, mc, tc, sentence)   # this process: the baselines, and the variants with one job
     ds = _WORKER["ds"]
     models = {}
     for name, mask in (("popularity", True), ("popularity_unmasked", False)):
@@ -162,10 +177,10 @@ def main(argv=None) -> int:
     tm = offline.text_match_metrics(ds, offline.search_cases(ds))
     models["text_match"] = row({"search_recall@10": tm["hr@10"], "search_ndcg@10": tm["ndcg@10"]})
     # each variant's seeds side by side: with two jobs they train at the same time, under the same load
-    tasks = [(name, seed) for name in args.variants.split(",") if name for seed in seeds]
+    tasks = [(name, seed) for name in names for seed in seeds]
     jobs = max(1, min(args.jobs, len(tasks)))
     if jobs > 1:
-        with mp.get_context("spawn").Pool(jobs, initializer=_init_worker, initargs=(cfg.data, mc, tc)) as pool:
+        with mp.get_context("spawn").Pool(jobs, initializer=_init_worker, initargs=(cfg.data, mc, tc, sentence)) as pool:
             done = pool.map(_train_variant, tasks, chunksize=1)
     else:
         done = [_train_variant(t) for t in tasks]

@@ -8,6 +8,8 @@ Tokens (see `batching.py` for the sequence  i i i ..., one per event):
   (with `feedback_tokens`: no label on those, and after each item token a
   feedback token = item_vec(i) + label(neg|pos) + type(feedback))
   item_vec(i)     = item_id_emb(i) + mean(piece_emb(title/genre pieces of i))
+                    (+ W_s MiniLM(title/genres) with `sentence_encoder`: a frozen
+                    pretrained vector, a learned projection from 0; sentence.py)
   q(query)        = mean(piece_emb(query pieces))
 The word-piece table is shared by item texts and queries, so a query and the
 title it was typed for meet in the same buckets.
@@ -179,12 +181,21 @@ class UnifiedRecommender(nn.Module):
         self.lex_scale = nn.Parameter(torch.tensor(cfg.lexical_init if cfg.use_lexical else 0.0),
                                       requires_grad=cfg.use_lexical)
         self.register_buffer("piece_idf", torch.zeros(cfg.n_buckets), persistent=False)   # (n_buckets,)
+        if cfg.sentence_encoder:   # frozen MiniLM vectors of the item texts, a learned projection (sentence.py)
+            sent = getattr(vocab, "sentence", None)
+            if sent is None:
+                raise ValueError("model.sentence_encoder is on, but the item vocabulary has no sentence vectors "
+                                 "(build it with Vocab.build(..., encode=...); the online item table has none)")
+            self.register_buffer("item_sentence", sent.clone(), persistent=False)        # (N_rows, 384)
+            self.sentence_proj = nn.Linear(sent.shape[1], d, bias=False)
         self._index_texts(vocab.pieces)
         idx_pairs, time_pairs = positions.split_pairs(d // cfg.n_heads, cfg.time_fraction)
         self.register_buffer("index_freq", positions.index_frequencies(idx_pairs, cfg.rope_base), persistent=False)
         self.register_buffer("time_freq", positions.time_frequencies(
             time_pairs, cfg.time_period_min_s, cfg.time_period_max_s), persistent=False)
         self.apply(self._init)
+        if cfg.sentence_encoder:
+            nn.init.zeros_(self.sentence_proj.weight)   # starts as the hashed-text model (sentence.py)
 
     @staticmethod
     def _init(m):
@@ -256,9 +267,11 @@ class UnifiedRecommender(nn.Module):
     def item_vectors(self) -> torch.Tensor:
         """(N_rows, d) item representation shared by input tokens and the retrieval head."""
         v = self.item_emb.weight
-        if not self.cfg.use_item_text:
-            return v
-        return v + SparseMatmul.apply(*self._text_matrix, self.piece_emb.weight)   # = _mean_pieces(item_pieces)
+        if self.cfg.use_item_text:
+            v = v + SparseMatmul.apply(*self._text_matrix, self.piece_emb.weight)   # = _mean_pieces(item_pieces)
+        if self.cfg.sentence_encoder:
+            v = v + self.sentence_proj(self.item_sentence)
+        return v
 
     def embed(self, batch, item_vec):
         """Token embeddings (B, T, d) from a collated batch."""

@@ -46,31 +46,43 @@ class _IdMap:
 
 @dataclass
 class Vocab(_IdMap):
-    """Item id map plus the padded (n_rows, max_pieces) piece matrix of item texts."""
+    """Item id map plus the padded (n_rows, max_pieces) piece matrix of item texts (and,
+    with `model.sentence_encoder`, the (n_rows, 384) frozen sentence vectors of those texts)."""
 
     item_ids: list[str]                      # row r (r >= 1) <-> item_ids[r - 1]
     pieces: torch.Tensor                     # (n_rows, P) int64, 0 = padding
+    sentence: torch.Tensor | None = None     # (n_rows, 384) float32, row 0 and text-less items all 0
     index: dict[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
         self.index = {iid: r + 1 for r, iid in enumerate(self.item_ids)}
 
     @classmethod
-    def build(cls, items: dict[str, dict], *, n_buckets: int, ngram: int, max_pieces: int) -> "Vocab":
-        """Rows in sorted-id order (numeric ids sort numerically) so a vocab is reproducible."""
+    def build(cls, items: dict[str, dict], *, n_buckets: int, ngram: int, max_pieces: int,
+              encode: Callable[[list[str]], np.ndarray] | None = None) -> "Vocab":
+        """Rows in sorted-id order (numeric ids sort numerically) so a vocab is reproducible.
+        `encode` (texts -> (n, dim) vectors, e.g. `model.sentence.encode_cached`) adds `sentence`."""
         ids = sorted(items, key=lambda s: (len(s), s))
-        texts = [hash_pieces(item_text(items[i]), n_buckets, ngram=ngram, max_pieces=max_pieces) for i in ids]
-        pieces = torch.zeros(len(ids) + 1, max(1, max((len(t) for t in texts), default=1)), dtype=torch.int64)
-        for r, t in enumerate(texts, start=1):
+        texts = [item_text(items[i]) for i in ids]
+        hashed = [hash_pieces(t, n_buckets, ngram=ngram, max_pieces=max_pieces) for t in texts]
+        pieces = torch.zeros(len(ids) + 1, max(1, max((len(t) for t in hashed), default=1)), dtype=torch.int64)
+        for r, t in enumerate(hashed, start=1):
             pieces[r, : len(t)] = torch.tensor(t, dtype=torch.int64)
-        return cls(ids, pieces)
+        sentence = None
+        if encode is not None:
+            has_text = [j for j, t in enumerate(texts) if t.strip()]
+            vectors = encode([texts[j] for j in has_text])
+            sentence = torch.zeros(len(ids) + 1, vectors.shape[1])
+            sentence[torch.tensor(has_text, dtype=torch.int64) + 1] = torch.from_numpy(vectors)
+        return cls(ids, pieces, sentence)
 
     def state_dict(self) -> dict:
-        return {"item_ids": list(self.item_ids), "pieces": self.pieces}
+        out = {"item_ids": list(self.item_ids), "pieces": self.pieces}
+        return out if self.sentence is None else out | {"sentence": self.sentence}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "Vocab":
-        return cls(list(state["item_ids"]), state["pieces"])
+        return cls(list(state["item_ids"]), state["pieces"], state.get("sentence"))
 
 
 class ItemTable(_IdMap):

@@ -46,6 +46,7 @@ from typing import Any
 
 from apache_beam.utils.shared import Shared
 
+from unirec.config import ConfigError
 from unirec.model.config import ModelConfig, OnlineConfig, TrainConfig
 from unirec.ops import gate
 from unirec.ops.config import RegistryConfig
@@ -223,6 +224,15 @@ class OnlineLoop:
                 "items_expired": self.learner.table.expired, "table_rows": self.learner.table.n_rows}
 
 
+def check_supported(cfg) -> None:
+    """Raise ConfigError for settings the online learner cannot run with (before anything starts)."""
+    if cfg.model.sentence_encoder:
+        raise ConfigError("model.sentence_encoder: the online learner's growing item table has no sentence "
+                          "vectors yet (offline training only: `unirec train --offline`); set it to false, "
+                          "or run without learning (online.enabled: false or --no-learn)")
+
+
 def from_config(cfg, *, monitor: Any = None, catalogue: str | None = None) -> OnlineLoop:
     """The online loop of a PipelineConfig (its model, train, online and registry sections)."""
+    check_supported(cfg)
     return OnlineLoop(cfg.model, cfg.train, cfg.online, cfg.registry, catalogue=catalogue, monitor=monitor)

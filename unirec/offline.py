@@ -70,9 +70,19 @@ class Dataset:
         return self.full[case.user_id].slice(0, len(case.history))
 
 
-def load(data_dir: Path, mcfg: ModelConfig) -> Dataset:
+def load(data_dir: Path, mcfg: ModelConfig, cache_dir: Path | None = None) -> Dataset:
+    """The prepared stream in `data_dir` (`<cache_dir>/ml-100k` by default: the sentence
+    encoder's files and vectors are cached in `cache_dir`, default its parent)."""
     items = load_items(data_dir / "items.jsonl")
-    vocab = Vocab.build(items, n_buckets=mcfg.n_buckets, ngram=mcfg.ngram, max_pieces=mcfg.max_item_pieces)
+    encode = None
+    if mcfg.sentence_encoder:
+        from unirec.model import sentence
+
+        cache_dir = Path(data_dir).parent if cache_dir is None else Path(cache_dir)
+        encoder = sentence.SentenceEncoder(sentence.fetch(cache_dir, mcfg.sentence_encoder_path))
+        encode = lambda texts: sentence.encode_cached(encoder, texts, cache_dir)  # noqa: E731
+    vocab = Vocab.build(items, n_buckets=mcfg.n_buckets, ngram=mcfg.ngram, max_pieces=mcfg.max_item_pieces,
+                        encode=encode)
     users = leave_one_out(load_events(data_dir / "events.jsonl"))
     train, valid, test = split_cases(users)
     full = {u: to_history(h, vocab, mcfg) for u, h in users.items()}

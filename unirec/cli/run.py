@@ -183,6 +183,10 @@ def _run(args: argparse.Namespace) -> int:
     logging.getLogger("kafka").setLevel(logging.CRITICAL)  # connection failures surface as exceptions
     try:
         cfg = load(args.config)
+        if cfg.online.enabled and not args.no_learn:
+            from unirec.streaming.online import check_supported
+
+            check_supported(cfg)
         data_dir = prepare(cfg.data)
     except (ConfigError, DataError) as e:
         print(f"unirec run: {e}", file=sys.stderr)

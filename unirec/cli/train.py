@@ -35,7 +35,11 @@ def _train(args: argparse.Namespace) -> int:
         print(f"unirec train: {e}", file=sys.stderr)
         return 2
     tc = cfg.train if args.budget is None else dataclasses.replace(cfg.train, time_budget_s=args.budget)
-    result = train_and_save(cfg.model, tc, data_dir, log=lambda s: print(s, file=sys.stderr, flush=True))
+    try:
+        result = train_and_save(cfg.model, tc, data_dir, log=lambda s: print(s, file=sys.stderr, flush=True))
+    except DataError as e:            # e.g. the sentence encoder's files cannot be had
+        print(f"unirec train: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(result))
     return 0
 

