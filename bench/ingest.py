@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-seconds", type=float, default=30.0, help="length of the latency run")
     ap.add_argument("--max-batch-events", type=int, default=None, help="override streaming.max_batch_events")
     ap.add_argument("--in-process-below", type=int, default=None, help="override streaming.in_process_below")
+    ap.add_argument("--kafka-commit-interval", type=float, default=None,
+                    help="override streaming.kafka_commit_interval_s")
     ap.add_argument("--skip", choices=("ml100k", "generated", "latency", "latency-ml100k", "latency-generated"),
                     action="append", default=[])
     ap.add_argument("--profile", default=None, help="write a cProfile of the generated throughput run here")
@@ -250,6 +252,8 @@ def _main(args) -> int:
         scfg = dataclasses.replace(scfg, max_batch_events=args.max_batch_events)
     if args.in_process_below is not None:
         scfg = dataclasses.replace(scfg, in_process_below=args.in_process_below)
+    if args.kafka_commit_interval is not None:
+        scfg = dataclasses.replace(scfg, kafka_commit_interval_s=args.kafka_commit_interval)
     runs, lats = [], []
     with tempfile.TemporaryDirectory(prefix="unirec-bench-") as tmp_s:
         tmp = Path(tmp_s)
