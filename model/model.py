@@ -185,7 +185,7 @@ class UnifiedRecommender(nn.Module):
             sent = getattr(vocab, "sentence", None)
             if sent is None:
                 raise ValueError("model.sentence_encoder is on, but the item vocabulary has no sentence vectors "
-                                 "(build it with Vocab.build(..., encode=...); the online item table has none)")
+                                 "(build it with Vocab.build(..., encode=...) or ItemTable(..., sentence_of=...))")
             self.register_buffer("item_sentence", sent.clone(), persistent=False)        # (N_rows, 384)
             self.sentence_proj = nn.Linear(sent.shape[1], d, bias=False)
         self._index_texts(vocab.pieces)
@@ -223,7 +223,8 @@ class UnifiedRecommender(nn.Module):
     # ---- the item table (fixed for offline training, growing online) ---------------------
     def refresh_items(self) -> None:
         """Re-read the vocabulary after rows were added, expired or the table grown
-        (`resize_items` first if it outgrew the embedding): pieces, lexical index, live mask."""
+        (`resize_items` first if it outgrew the embedding): pieces, lexical index, live mask
+        (and sentence vectors)."""
         v = self.vocab
         if v.n_rows > self.item_emb.num_embeddings:
             raise ValueError(f"vocabulary has {v.n_rows} rows, the item table {self.item_emb.num_embeddings}: "
@@ -233,6 +234,10 @@ class UnifiedRecommender(nn.Module):
         pieces[: v.n_rows] = v.pieces
         self.item_pieces = pieces
         self._index_texts(pieces)
+        if self.cfg.sentence_encoder:
+            sentence = torch.zeros(n, self.item_sentence.shape[1])
+            sentence[: v.n_rows] = v.sentence[: v.n_rows]
+            self.item_sentence = sentence
         live = torch.zeros(n, dtype=torch.bool)
         live[: v.n_rows] = live_mask(v)
         self.item_live = live

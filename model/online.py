@@ -167,6 +167,14 @@ def load_weighter(w, arrays: dict) -> None:
             setattr(w, name, dict(zip(w.tasks, (float(x) for x in np.asarray(arrays[f"weighter.{name}"])))))
 
 
+def _sentence_source(mc: ModelConfig, sentence_of):
+    """The table's sentence-vector source: `sentence_of`, or no text for any item (all rows 0)
+    when the model uses sentence vectors but the caller has no catalogue; None without them."""
+    if not mc.sentence_encoder:
+        return None
+    return sentence_of if sentence_of is not None else (lambda item_id: None)
+
+
 class OnlineLearner:
     """Model + trainer + item table + replay buffer, updated one micro-batch at a time."""
 
@@ -188,20 +196,24 @@ class OnlineLearner:
     # ------------------------------------------------------------------ construction
     @classmethod
     def fresh(cls, mc: ModelConfig, tc: TrainConfig, oc: OnlineConfig, *,
-              pieces_of: Callable[[str], list[int]] | None = None) -> OnlineLearner:
+              pieces_of: Callable[[str], list[int]] | None = None,
+              sentence_of: Callable[[str], np.ndarray | None] | None = None) -> OnlineLearner:
+        """A new learner; `sentence_of` (item id -> frozen text vector or None) is needed,
+        and used, only with `mc.sentence_encoder`."""
         torch.manual_seed(tc.seed)
         table = ItemTable(oc.item_capacity, mc.max_item_pieces, expire_after_s=oc.expire_after_s,
-                          pieces_of=pieces_of)
+                          pieces_of=pieces_of, sentence_of=_sentence_source(mc, sentence_of))
         model = UnifiedRecommender(mc, table)
         return cls(model, Trainer(model, tc), table, oc, seed=tc.seed)
 
     @classmethod
     def from_arrays(cls, mc: ModelConfig, tc: TrainConfig, oc: OnlineConfig, *, item_ids: list[str],
                     weights: dict, table_arrays: dict, trainer_arrays: dict | None,
-                    pieces_of: Callable[[str], list[int]] | None = None) -> OnlineLearner:
+                    pieces_of: Callable[[str], list[int]] | None = None,
+                    sentence_of: Callable[[str], np.ndarray | None] | None = None) -> OnlineLearner:
         """Rebuild from a snapshot's arrays (see `snapshot`); optimiser state if given."""
-        model, table = model_from_arrays(mc, item_ids, weights, table_arrays,
-                                         expire_after_s=oc.expire_after_s, pieces_of=pieces_of)
+        model, table = model_from_arrays(mc, item_ids, weights, table_arrays, expire_after_s=oc.expire_after_s,
+                                         pieces_of=pieces_of, sentence_of=_sentence_source(mc, sentence_of))
         trainer = Trainer(model, tc)
         if trainer_arrays:
             trainer.load_state_arrays(trainer_arrays)
@@ -218,6 +230,8 @@ class OnlineLearner:
         rows = sorted(self.table.index.values())
         weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         weights["item_pieces"] = self.model.item_pieces.clone()
+        if self.mc.sentence_encoder:
+            weights["item_sentence"] = self.model.item_sentence.clone()
         np_ = lambda d: {k: v.detach().cpu().numpy() if torch.is_tensor(v) else np.asarray(v) for k, v in d.items()}
         return {"item_embeddings": emb[rows].numpy().copy(), "item_ids": self.table.live_ids(),
                 "ranking": np_(weights),

@@ -76,15 +76,22 @@ def load_weights(model: UnifiedRecommender, weights: dict) -> None:
 
 
 def model_from_arrays(mc: ModelConfig, item_ids: list[str], weights: dict, table_arrays: dict, *,
-                      expire_after_s: float = 0.0, pieces_of: Callable[[str], list[int]] | None = None
+                      expire_after_s: float = 0.0, pieces_of: Callable[[str], list[int]] | None = None,
+                      sentence_of: Callable[[str], np.ndarray | None] | None = None
                       ) -> tuple[UnifiedRecommender, ItemTable]:
-    """(model, item table) from a version's weights and id table arrays."""
+    """(model, item table) from a version's weights and id table arrays (`item_sentence`:
+    the items' frozen sentence vectors, in versions trained with `sentence_encoder`)."""
     weights = {k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()}
+    if mc.sentence_encoder and "item_sentence" not in weights:
+        raise ValueError("the model config has sentence_encoder on, but this version holds no item_sentence "
+                         "vectors")
     table = ItemTable.restore(list(item_ids), table_arrays, weights["item_pieces"], mc.max_item_pieces,
-                              expire_after_s=expire_after_s, pieces_of=pieces_of)
+                              expire_after_s=expire_after_s, pieces_of=pieces_of,
+                              sentence=weights.get("item_sentence") if mc.sentence_encoder else None,
+                              sentence_of=sentence_of)
     model = UnifiedRecommender(mc, table)
     model.resize_items(table.n_rows)
-    load_weights(model, {k: v for k, v in weights.items() if k != "item_pieces"})
+    load_weights(model, {k: v for k, v in weights.items() if k not in ("item_pieces", "item_sentence")})
     model.refresh_items()
     table.changed = False
     return model, table

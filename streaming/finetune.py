@@ -95,6 +95,7 @@ class FineTuneSpec:
     online: Any                         # OnlineConfig
     registry_path: str
     catalogue: str | None = None        # items.jsonl with titles / genres (item text pieces)
+    cache_dir: str = ".cache/unirec"    # the sentence encoder's files and vectors (`model.sentence_encoder`)
 
 
 def pieces_lookup(catalogue: str | None, mc) -> Any:
@@ -117,24 +118,50 @@ def pieces_lookup(catalogue: str | None, mc) -> Any:
     return lambda item_id: pieces.get(item_id, [])
 
 
+def sentence_lookup(catalogue: str | None, mc, cache_dir: str) -> Any:
+    """item id -> the frozen MiniLM vector of its catalogue text (None if unknown), with
+    `model.sentence_encoder`: the whole catalogue is encoded at setup (once per catalogue
+    and model: cached on disk, `model.sentence.encode_cached`); None without the option."""
+    if not mc.sentence_encoder:
+        return None
+    from unirec.data import load_items
+    from unirec.model import sentence
+    from unirec.model.vocab import item_text
+
+    encoder = sentence.SentenceEncoder(sentence.fetch(cache_dir, mc.sentence_encoder_path))
+    try:
+        items = load_items(catalogue) if catalogue else {}
+    except OSError as e:
+        log.warning("item catalogue %s unreadable (%s): new items start without text", catalogue, e)
+        items = {}
+    texts = {i: item_text(it) for i, it in items.items() if item_text(it).strip()}
+    ids = sorted(texts)
+    vectors = sentence.encode_cached(encoder, [texts[i] for i in ids], cache_dir) if ids else None
+    rows = {i: k for k, i in enumerate(ids)}
+    return lambda item_id: None if item_id not in rows else vectors[rows[item_id]]
+
+
 def open_learner(spec: FineTuneSpec) -> OnlineLearner:
     """The registry's latest version as a learner (model, item table, optimiser), else a fresh one."""
     from unirec.ops.registry import Registry, RegistryError
 
     pieces_of = pieces_lookup(spec.catalogue, spec.model)
+    sentence_of = sentence_lookup(spec.catalogue, spec.model, spec.cache_dir)
     try:
         reg = Registry(spec.registry_path)
         if reg.latest() is not None:
             v = reg.load()
             learner = OnlineLearner.from_arrays(spec.model, spec.train, spec.online, item_ids=v.item_ids,
                                                 weights=v.ranking, table_arrays=v.extra["idtable"],
-                                                trainer_arrays=v.extra.get("trainer"), pieces_of=pieces_of)
+                                                trainer_arrays=v.extra.get("trainer"), pieces_of=pieces_of,
+                                                sentence_of=sentence_of)
             learner.version = v.manifest.version
             learner.state_batch = int(v.manifest.metrics.get("state_batch") or 0)
             return learner
     except (RegistryError, KeyError) as e:
         log.warning("cannot resume from the registry at %s (%s): starting a fresh model", spec.registry_path, e)
-    learner = OnlineLearner.fresh(spec.model, spec.train, spec.online, pieces_of=pieces_of)
+    learner = OnlineLearner.fresh(spec.model, spec.train, spec.online, pieces_of=pieces_of,
+                                  sentence_of=sentence_of)
     learner.version, learner.state_batch = None, 0
     return learner
 

@@ -46,7 +46,6 @@ from typing import Any
 
 from apache_beam.utils.shared import Shared
 
-from unirec.config import ConfigError
 from unirec.model.config import ModelConfig, OnlineConfig, TrainConfig
 from unirec.ops import gate
 from unirec.ops.config import RegistryConfig
@@ -72,8 +71,9 @@ class OnlineLoop:
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, online_cfg: OnlineConfig,
                  registry_cfg: RegistryConfig, *, catalogue: str | None = None, monitor: Any = None,
-                 on_stats: Any = None):
-        """`catalogue` overrides `online_cfg.catalogue` (an items.jsonl for new items' text)."""
+                 on_stats: Any = None, cache_dir: str = ".cache/unirec"):
+        """`catalogue` overrides `online_cfg.catalogue` (an items.jsonl for new items' text);
+        `cache_dir` (data.cache_dir) holds the sentence encoder's files, if the model uses it."""
         import torch
 
         torch.set_num_threads(max(1, train_cfg.threads))
@@ -81,8 +81,12 @@ class OnlineLoop:
         self.registry = Registry.from_config(registry_cfg)
         self.handle = Shared()
         catalogue = catalogue if catalogue is not None else online_cfg.catalogue
+        if model_cfg.sentence_encoder:    # fetch its files now: a DataError here, not inside a Beam worker
+            from unirec.model import sentence
+
+            sentence.fetch(cache_dir, model_cfg.sentence_encoder_path)
         self.spec = FineTuneSpec(self.handle, model_cfg, train_cfg, online_cfg, str(self.registry.root),
-                                 catalogue if catalogue and os.path.exists(catalogue) else None)
+                                 catalogue if catalogue and os.path.exists(catalogue) else None, cache_dir)
         self.slot: LearnerSlot | None = None      # strong reference: keeps the shared learner alive
         self.monitor, self.on_stats = monitor, on_stats
         self.state = OnlineState()
@@ -224,15 +228,8 @@ class OnlineLoop:
                 "items_expired": self.learner.table.expired, "table_rows": self.learner.table.n_rows}
 
 
-def check_supported(cfg) -> None:
-    """Raise ConfigError for settings the online learner cannot run with (before anything starts)."""
-    if cfg.model.sentence_encoder:
-        raise ConfigError("model.sentence_encoder: the online learner's growing item table has no sentence "
-                          "vectors yet (offline training only: `unirec train --offline`); set it to false, "
-                          "or run without learning (online.enabled: false or --no-learn)")
-
-
 def from_config(cfg, *, monitor: Any = None, catalogue: str | None = None) -> OnlineLoop:
-    """The online loop of a PipelineConfig (its model, train, online and registry sections)."""
-    check_supported(cfg)
-    return OnlineLoop(cfg.model, cfg.train, cfg.online, cfg.registry, catalogue=catalogue, monitor=monitor)
+    """The online loop of a PipelineConfig (its model, train, online and registry sections;
+    data.cache_dir for the sentence encoder's files)."""
+    return OnlineLoop(cfg.model, cfg.train, cfg.online, cfg.registry, catalogue=catalogue, monitor=monitor,
+                      cache_dir=cfg.data.cache_dir)

@@ -142,12 +142,78 @@ def test_the_online_item_table_is_refused_with_a_clear_error():
         UnifiedRecommender(cfg, ItemTable(8, 16))
 
 
-def test_the_pipeline_refuses_the_option_before_it_starts():
-    from unirec.config import ConfigError
-    from unirec.settings import PipelineConfig
-    from unirec.streaming.online import check_supported
+# ---- the online learner: a growing table with sentence vectors -----------------------------
+def _vec(k: int) -> np.ndarray:
+    v = np.zeros(sentence.DIM, dtype=np.float32)
+    v[k % sentence.DIM] = 1.0
+    return v
 
-    cfg = PipelineConfig()
-    check_supported(cfg)
-    with pytest.raises(ConfigError, match="model.sentence_encoder"):
-        check_supported(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, sentence_encoder=True)))
+
+def _online_learner():
+    from unirec.model.config import OnlineConfig, TrainConfig
+    from unirec.model.online import OnlineLearner
+
+    mc = ModelConfig(d_model=16, n_heads=2, n_buckets=100, max_len=8, max_item_pieces=4, ngram=0,
+                     sentence_encoder=True)
+    tc = TrainConfig(lr=1e-2, batch_size=8, threads=1)
+    oc = OnlineConfig(item_capacity=4, replay_buffer=20)
+    known = {str(i): _vec(i) for i in range(1, 9)}        # items 9+ are not in the "catalogue"
+    return mc, tc, oc, OnlineLearner.fresh(mc, tc, oc, pieces_of=lambda i: [int(i) % 90 + 1],
+                                           sentence_of=known.get)
+
+
+def _batch(start: int):
+    from unirec.model.online import Example
+
+    return [Example(str(u), [str((start + u + k) % 12 + 1) for k in range(6)], [1, 0, 1, 0, 1, 0],
+                    [10**9 + 60 * k for k in range(6)], ["rec"] * 6, [None] * 6, 6) for u in range(4)]
+
+
+def test_new_items_get_their_sentence_vector_and_expired_rows_lose_it():
+    t = ItemTable(2, 2, expire_after_s=10, sentence_of={"a": _vec(3)}.get)
+    rows, _ = t.assign(["a", "b"], [0, 0])                  # "b" has no text: zeros; the table grows
+    assert t.sentence.shape == (t.n_rows, sentence.DIM)
+    assert t.sentence[rows[0], 3] == 1.0 and not t.sentence[rows[1]].any()
+    t.assign(["c"], [100])
+    t.expire(100)                                            # a and b unseen for 100 s
+    assert not t.sentence[rows[0]].any()
+
+
+def test_the_learner_trains_and_grows_with_sentence_vectors_and_a_snapshot_restores_them():
+    from unirec.model.online import OnlineLearner
+    from unirec.model.snapshot import model_from_arrays
+
+    mc, tc, oc, lr = _online_learner()
+    for s in range(3):
+        lr.process(_batch(s))
+    assert lr.table.n_rows > 4 and lr.model.item_sentence.shape[0] == lr.model.item_emb.num_embeddings
+    row9 = lr.table.row("9")
+    assert row9 and not lr.model.item_sentence[row9].any()             # not in the catalogue: no vector
+    assert lr.model.item_sentence[lr.table.row("5"), 5] == 1.0
+    assert lr.model.sentence_proj.weight.abs().sum() > 0                # trained from its zero start
+    snap = lr.snapshot()
+    back = OnlineLearner.from_arrays(mc, tc, oc, item_ids=snap["item_ids"], weights=snap["ranking"],
+                                     table_arrays=snap["extra"]["idtable"], trainer_arrays=snap["extra"]["trainer"])
+    rows = [lr.table.row(i) for i in snap["item_ids"]]
+    np.testing.assert_allclose(back.model.item_embeddings()[rows].detach().numpy(), snap["item_embeddings"],
+                               rtol=1e-6, atol=1e-6)
+    model, table = model_from_arrays(mc, snap["item_ids"], snap["ranking"], snap["extra"]["idtable"])
+    assert torch.equal(model.item_sentence[: lr.table.n_rows], lr.model.item_sentence[: lr.table.n_rows])
+    no_vectors = {k: v for k, v in snap["ranking"].items() if k != "item_sentence"}
+    with pytest.raises(ValueError, match="item_sentence"):
+        model_from_arrays(mc, snap["item_ids"], no_vectors, snap["extra"]["idtable"])
+
+
+def test_the_pipelines_lookup_encodes_the_catalogue_once(encoder, tmp_path, monkeypatch):
+    import json
+
+    from unirec.streaming import finetune
+
+    catalogue = tmp_path / "items.jsonl"
+    catalogue.write_text("\n".join(json.dumps({"item_id": i, **it}) for i, it in ITEMS.items()) + "\n")
+    monkeypatch.setattr(sentence, "fetch", lambda cache_dir, path=None: ROOT / ".cache/unirec/minilm")
+    mc = ModelConfig(sentence_encoder=True)
+    of = finetune.sentence_lookup(str(catalogue), mc, str(tmp_path))
+    np.testing.assert_allclose(of("1"), encoder.encode(["Toy Story Animation Comedy"])[0], atol=1e-6)
+    assert of("3") is None and of("unknown") is None                   # no text / not in the catalogue
+    assert finetune.sentence_lookup(str(catalogue), ModelConfig(), str(tmp_path)) is None

@@ -8,6 +8,7 @@ import signal
 import sys
 
 from unirec.config import ConfigError, load
+from unirec.data import DataError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -56,7 +57,7 @@ def _run(args: argparse.Namespace) -> int:
             totals = driver.totals
             if learning is not None:
                 print(f"online learning: {learning.summary()}")
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:      # DataError: e.g. the sentence encoder's files
         print(f"unirec pipeline run: {e}", file=sys.stderr)
         return 2
     except KafkaError as e:

@@ -183,10 +183,6 @@ def _run(args: argparse.Namespace) -> int:
     logging.getLogger("kafka").setLevel(logging.CRITICAL)  # connection failures surface as exceptions
     try:
         cfg = load(args.config)
-        if cfg.online.enabled and not args.no_learn:
-            from unirec.streaming.online import check_supported
-
-            check_supported(cfg)
         data_dir = prepare(cfg.data)
     except (ConfigError, DataError) as e:
         print(f"unirec run: {e}", file=sys.stderr)
@@ -202,7 +198,12 @@ def _run(args: argparse.Namespace) -> int:
     broker.ensure_topics(cfg.kafka)
     learn = cfg.online.enabled and not args.no_learn
     monitor = _monitor(cfg)
-    learning = _learning(cfg, data_dir, monitor) if learn else None
+    try:
+        learning = _learning(cfg, data_dir, monitor) if learn else None
+    except DataError as e:                     # e.g. the sentence encoder's files cannot be had
+        monitor.close()
+        print(f"unirec run: {e}", file=sys.stderr)
+        return 2
     _say("replaying MovieLens-100k into Kafka while the pipeline writes features to Feast"
          + (", fine-tunes the model on every micro-batch and publishes versions" if learn else ""))
     flow = _stream(cfg, data_dir / "events.jsonl", args, learning, monitor)
