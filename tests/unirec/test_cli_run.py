@@ -78,3 +78,18 @@ monitoring: {{bind: "127.0.0.1:0", log_path: {tmp_path}/run/metrics.jsonl}}
             assert learned["test_then_train_over_time"] and Path(summary["artefacts"]["report"]).is_file()
     finally:
         broker.stop(cfg.kafka)
+
+
+def test_run_without_the_sentence_encoders_files_says_what_to_do_before_starting_anything(tmp_path, capsys):
+    write_dataset(tmp_path / "raw")
+    cfg_path = tmp_path / "pipeline.yaml"
+    port = free_port()
+    cfg_path.write_text(f"""
+data: {{cache_dir: {tmp_path}/cache, path: {tmp_path}/raw}}
+kafka: {{bootstrap_servers: 127.0.0.1:{port}, embedded: {{run_dir: {tmp_path}/broker}}}}
+model: {{sentence_encoder: true, sentence_encoder_path: {tmp_path}/no-such-folder}}
+""")
+    assert main(["-c", str(cfg_path), "run", "--fresh"]) == 2
+    err = capsys.readouterr().err
+    assert "model.sentence_encoder_path" in err and "model.safetensors" in err and "Traceback" not in err
+    assert not broker.status(load(cfg_path).kafka).running          # it stopped before starting the broker

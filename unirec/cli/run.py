@@ -184,6 +184,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         cfg = load(args.config)
         data_dir = prepare(cfg.data)
+        if cfg.model.sentence_encoder and cfg.online.enabled and not args.no_learn:
+            from unirec.model import sentence
+
+            sentence.fetch(cfg.data.cache_dir, cfg.model.sentence_encoder_path)   # before anything starts
     except (ConfigError, DataError) as e:
         print(f"unirec run: {e}", file=sys.stderr)
         return 2
@@ -198,12 +202,7 @@ def _run(args: argparse.Namespace) -> int:
     broker.ensure_topics(cfg.kafka)
     learn = cfg.online.enabled and not args.no_learn
     monitor = _monitor(cfg)
-    try:
-        learning = _learning(cfg, data_dir, monitor) if learn else None
-    except DataError as e:                     # e.g. the sentence encoder's files cannot be had
-        monitor.close()
-        print(f"unirec run: {e}", file=sys.stderr)
-        return 2
+    learning = _learning(cfg, data_dir, monitor) if learn else None
     _say("replaying MovieLens-100k into Kafka while the pipeline writes features to Feast"
          + (", fine-tunes the model on every micro-batch and publishes versions" if learn else ""))
     flow = _stream(cfg, data_dir / "events.jsonl", args, learning, monitor)
