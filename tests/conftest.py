@@ -98,6 +98,16 @@ def start_kafka(tmp_path: Path):
         broker.stop(cfg)
 
 
+@pytest.fixture
+def own_kafka_cfg(start_kafka) -> KafkaConfig:
+    """Like `kafka_cfg`, on a broker of the test's own: for tests that time single reads.
+    The embedded broker rewrites its whole store about a second after any write, which
+    takes seconds once the shared broker holds the suite's records, and stalls reads."""
+    cfg = dataclasses.replace(start_kafka(), topics=unique_topics())
+    broker.ensure_topics(cfg)
+    return cfg
+
+
 # ---------------------------------------------------------------- `unirec pipeline run` as a real process
 
 def unirec_command() -> list[str]:

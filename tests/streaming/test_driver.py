@@ -175,7 +175,8 @@ def test_beam_and_in_process_runs_give_the_same_outputs(kafka_cfg, features_cfg,
     assert sorted(beam_out.items, key=lambda s: s.item_id) == sorted(local_out.items, key=lambda s: s.item_id)
 
 
-def test_read_range_stops_at_each_bound_and_resumes_without_gap(kafka_cfg):
+def test_read_range_stops_at_each_bound_and_resumes_without_gap(own_kafka_cfg):
+    kafka_cfg = own_kafka_cfg   # its reads are timed (10 s at most): not on the shared broker (conftest)
     producer = KafkaProducer(**client_kwargs(kafka_cfg))
     topic = kafka_cfg.topics.clicks
     for i in range(30):
@@ -281,7 +282,8 @@ def send_stamped(kafka_cfg, stamps: dict) -> None:
     p.close()
 
 
-def test_tail_timestamps_are_the_newest_record_of_each_partition(kafka_cfg):
+def test_tail_timestamps_are_the_newest_record_of_each_partition(own_kafka_cfg):
+    kafka_cfg = own_kafka_cfg   # tail_timestamps waits 200 ms: not on the shared broker (conftest)
     now = int(time.time() * 1000)
     clicks = kafka_cfg.topics.clicks
     # partition 2 gets its records out of timestamp order: the tail is the last record, not the max
