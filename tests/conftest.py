@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import pytest
@@ -75,10 +76,25 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture
-def kafka_cfg(kafka_broker: KafkaConfig) -> KafkaConfig:
+def kafka_cfg(kafka_broker: KafkaConfig):
+    """Fresh topics on the shared broker, deleted after the test: the embedded broker
+    rewrites its whole store after every write and answers no fetch meanwhile (seconds
+    at a few 100k records), so a store that kept every test's records would stall the
+    reads of later tests and cost the suite broker CPU."""
     cfg = dataclasses.replace(kafka_broker, topics=unique_topics())
     broker.ensure_topics(cfg)
-    return cfg
+    yield cfg
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    admin = KafkaAdminClient(**broker.client_kwargs(cfg))
+    try:
+        existing = set(admin.list_topics())
+        admin.delete_topics([t for t in broker.topic_names(cfg) if t in existing])
+    except KafkaError as e:   # only costs later tests time: say so, do not fail this one
+        warnings.warn(f"could not delete the test's topics: {e!r}")
+    finally:
+        admin.close()
 
 
 @pytest.fixture
