@@ -21,7 +21,8 @@ expected under at-least-once delivery and changes nothing.)
 
 **Consumer lag** (`consumer_lag`) is `end offset - position` per topic-partition,
 where the position is the next offset the pipeline has made durable (the state
-store's offsets, which lead the Kafka-committed ones by at most one push) and
+store's offsets, which lead the Kafka-committed ones by up to
+`streaming.kafka_commit_interval_s`) and
 the end offsets come from one `KafkaConsumer.end_offsets` request. It needs no
 consumer-group coordinator (the pipeline assigns partitions and never joins its
 group), so it is right on the embedded broker, whose group tooling we do not
