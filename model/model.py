@@ -185,7 +185,7 @@ class UnifiedRecommender(nn.Module):
             sent = getattr(vocab, "sentence", None)
             if sent is None:
                 raise ValueError("model.sentence_encoder is on, but the item vocabulary has no sentence vectors "
-                                 "(build it with Vocab.build(..., encode=...) or ItemTable(..., sentence_of=...))")
+                                 "(build it with Vocab.build(..., encode=...) or ItemTable(..., sentence_dim=...))")
             self.register_buffer("item_sentence", sent.clone(), persistent=False)        # (N_rows, 384)
             self.sentence_proj = nn.Linear(sent.shape[1], d, bias=False)
         self._index_texts(vocab.pieces)

@@ -96,6 +96,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from unirec.model import sentence
 from unirec.model.batching import History, _tokens, collate, event_tokens, windows
 from unirec.model.config import ModelConfig, OnlineConfig, TrainConfig
 from unirec.model.model import UnifiedRecommender
@@ -167,14 +168,6 @@ def load_weighter(w, arrays: dict) -> None:
             setattr(w, name, dict(zip(w.tasks, (float(x) for x in np.asarray(arrays[f"weighter.{name}"])))))
 
 
-def _sentence_source(mc: ModelConfig, sentence_of):
-    """The table's sentence-vector source: `sentence_of`, or no text for any item (all rows 0)
-    when the model uses sentence vectors but the caller has no catalogue; None without them."""
-    if not mc.sentence_encoder:
-        return None
-    return sentence_of if sentence_of is not None else (lambda item_id: None)
-
-
 class OnlineLearner:
     """Model + trainer + item table + replay buffer, updated one micro-batch at a time."""
 
@@ -198,11 +191,12 @@ class OnlineLearner:
     def fresh(cls, mc: ModelConfig, tc: TrainConfig, oc: OnlineConfig, *,
               pieces_of: Callable[[str], list[int]] | None = None,
               sentence_of: Callable[[str], np.ndarray | None] | None = None) -> OnlineLearner:
-        """A new learner; `sentence_of` (item id -> frozen text vector or None) is needed,
-        and used, only with `mc.sentence_encoder`."""
+        """A new learner; `sentence_of` (item id -> frozen text vector or None) is used only
+        with `mc.sentence_encoder` (without one, new items get zero vectors)."""
         torch.manual_seed(tc.seed)
         table = ItemTable(oc.item_capacity, mc.max_item_pieces, expire_after_s=oc.expire_after_s,
-                          pieces_of=pieces_of, sentence_of=_sentence_source(mc, sentence_of))
+                          pieces_of=pieces_of, sentence_dim=sentence.DIM if mc.sentence_encoder else 0,
+                          sentence_of=sentence_of)
         model = UnifiedRecommender(mc, table)
         return cls(model, Trainer(model, tc), table, oc, seed=tc.seed)
 
@@ -213,7 +207,7 @@ class OnlineLearner:
                     sentence_of: Callable[[str], np.ndarray | None] | None = None) -> OnlineLearner:
         """Rebuild from a snapshot's arrays (see `snapshot`); optimiser state if given."""
         model, table = model_from_arrays(mc, item_ids, weights, table_arrays, expire_after_s=oc.expire_after_s,
-                                         pieces_of=pieces_of, sentence_of=_sentence_source(mc, sentence_of))
+                                         pieces_of=pieces_of, sentence_of=sentence_of)
         trainer = Trainer(model, tc)
         if trainer_arrays:
             trainer.load_state_arrays(trainer_arrays)

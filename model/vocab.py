@@ -100,21 +100,22 @@ class ItemTable(_IdMap):
     * Row 0 stays reserved (padding / unknown). `item_ids[r - 1]` is None for a free row.
     Counters: `added`, `expired`, `grown` (since construction; the learner reports deltas).
     The same read interface as `Vocab` (`row`, `rows`, `item_id`, `n_rows`, `pieces`,
-    `sentence` when `sentence_of` is given), plus `live` (bool per row) and `last_seen`
+    `sentence` when `sentence_dim` is given), plus `live` (bool per row) and `last_seen`
     (event time per row). `sentence_of(item_id)`: the item text's frozen sentence vector
-    (`model.sentence`), or None when there is no text (the row stays 0).
+    (`model.sentence`), or None when there is no text (the row stays 0; without
+    `sentence_of`, every new row does).
     """
 
     def __init__(self, capacity: int, max_pieces: int, *, expire_after_s: float = 0.0,
                  pieces_of: Callable[[str], list[int]] | None = None,
-                 sentence_of: Callable[[str], np.ndarray | None] | None = None, sentence_dim: int = 384):
+                 sentence_dim: int = 0, sentence_of: Callable[[str], np.ndarray | None] | None = None):
         self.max_pieces, self.expire_after_s = max_pieces, expire_after_s
         self.pieces_of = pieces_of or (lambda item_id: [])
-        self.sentence_of = sentence_of
+        self.sentence_of = sentence_of or (lambda item_id: None)
         self.item_ids: list[str | None] = []
         self.index: dict[str, int] = {}
         self.pieces = torch.zeros(1, max_pieces, dtype=torch.int64)
-        self.sentence = None if sentence_of is None else torch.zeros(1, sentence_dim)
+        self.sentence = torch.zeros(1, sentence_dim) if sentence_dim else None
         self.last_seen = np.zeros(1, dtype=np.int64)
         self.free: list[int] = []
         self.added = self.expired = self.grown = 0
@@ -217,16 +218,14 @@ class ItemTable(_IdMap):
                 sentence_of=None) -> "ItemTable":
         """The table a snapshot saved; `sentence` (the saved (rows, dim) vectors) with
         `sentence_of` (for items added from here on) when the model uses them."""
-        if sentence is not None and sentence_of is None:
-            sentence_of = lambda item_id: None  # noqa: E731 - a reader (serving) that never adds items
         t = cls(int(arrays["capacity"][0]), max_pieces, expire_after_s=expire_after_s, pieces_of=pieces_of,
-                sentence_of=sentence_of, sentence_dim=384 if sentence is None else sentence.shape[1])
+                sentence_dim=0 if sentence is None else sentence.shape[1], sentence_of=sentence_of)
         rows = [int(r) for r in arrays["rows"]]
         for iid, r, seen in zip(ids, rows, arrays["last_seen"]):
             t.index[iid], t.item_ids[r - 1], t.last_seen[r] = r, iid, int(seen)
         n = min(t.n_rows, pieces.shape[0])
         t.pieces[:n, : min(max_pieces, pieces.shape[1])] = pieces[:n, :max_pieces]
-        if t.sentence is not None and sentence is not None:
+        if sentence is not None:
             t.sentence[: min(t.n_rows, sentence.shape[0])] = sentence[: t.n_rows]
         t.free = sorted(set(range(1, t.n_rows)) - set(rows), reverse=True)
         t.added, t.expired, t.grown = (int(x) for x in arrays.get("counters", np.zeros(3, np.int64)))

@@ -98,21 +98,29 @@ class FineTuneSpec:
     cache_dir: str = ".cache/unirec"    # the sentence encoder's files and vectors (`model.sentence_encoder`)
 
 
+def _catalogue(catalogue: str | None) -> dict[str, dict]:
+    """The items of an items.jsonl catalogue (none if it is not given or unreadable)."""
+    if not catalogue:
+        return {}
+    from unirec.data import load_items
+
+    try:
+        return load_items(catalogue)
+    except OSError as e:
+        log.warning("item catalogue %s unreadable (%s): new items start without text", catalogue, e)
+        return {}
+
+
 def pieces_lookup(catalogue: str | None, mc) -> Any:
     """item id -> hashed title/genre pieces from an items.jsonl catalogue (empty if unknown).
     Every item's text is hashed here, once, while the catalogue is read (setup), not when
     the item first shows up in a micro-batch (hashing is ~0.2 ms of Python per item)."""
-    if not catalogue:
+    items = _catalogue(catalogue)
+    if not items:
         return None
-    from unirec.data import load_items
     from unirec.model.text import hash_pieces
     from unirec.model.vocab import item_text
 
-    try:
-        items = load_items(catalogue)
-    except OSError as e:
-        log.warning("item catalogue %s unreadable (%s): new items start without text", catalogue, e)
-        return None
     pieces = {i: hash_pieces(item_text(it), mc.n_buckets, ngram=mc.ngram, max_pieces=mc.max_item_pieces)
               for i, it in items.items()}
     return lambda item_id: pieces.get(item_id, [])
@@ -124,17 +132,11 @@ def sentence_lookup(catalogue: str | None, mc, cache_dir: str) -> Any:
     and model: cached on disk, `model.sentence.encode_cached`); None without the option."""
     if not mc.sentence_encoder:
         return None
-    from unirec.data import load_items
     from unirec.model import sentence
     from unirec.model.vocab import item_text
 
     encoder = sentence.SentenceEncoder(sentence.fetch(cache_dir, mc.sentence_encoder_path))
-    try:
-        items = load_items(catalogue) if catalogue else {}
-    except OSError as e:
-        log.warning("item catalogue %s unreadable (%s): new items start without text", catalogue, e)
-        items = {}
-    texts = {i: item_text(it) for i, it in items.items() if item_text(it).strip()}
+    texts = {i: t for i, it in _catalogue(catalogue).items() if (t := item_text(it)).strip()}
     ids = sorted(texts)
     vectors = sentence.encode_cached(encoder, [texts[i] for i in ids], cache_dir) if ids else None
     rows = {i: k for k, i in enumerate(ids)}

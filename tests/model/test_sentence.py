@@ -170,7 +170,7 @@ def _batch(start: int):
 
 
 def test_new_items_get_their_sentence_vector_and_expired_rows_lose_it():
-    t = ItemTable(2, 2, expire_after_s=10, sentence_of={"a": _vec(3)}.get)
+    t = ItemTable(2, 2, expire_after_s=10, sentence_dim=sentence.DIM, sentence_of={"a": _vec(3)}.get)
     rows, _ = t.assign(["a", "b"], [0, 0])                  # "b" has no text: zeros; the table grows
     assert t.sentence.shape == (t.n_rows, sentence.DIM)
     assert t.sentence[rows[0], 3] == 1.0 and not t.sentence[rows[1]].any()
