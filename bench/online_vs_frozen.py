@@ -48,6 +48,7 @@ from unirec.config import load
 from unirec.data import load_events, load_items
 from unirec.model.online import Example, OnlineLearner
 from unirec.model.prequential import EvalSums
+from unirec.model.sentence import query_vectors
 from unirec.model.snapshot import history_from_columns
 from unirec.model.text import hash_pieces
 from unirec.model.vocab import item_text
@@ -95,7 +96,7 @@ def offline_train(learner: OnlineLearner, seqs: dict[str, list[dict]], qtext: di
         learner._sync_table()
         hist.append(history_from_columns([c["item_id"] for c in cs], [c["label"] for c in cs], [c["ts"] for c in cs],
                                          [c["surface"] for c in cs], [qtext.get(c.get("query_id")) for c in cs],
-                                         learner.table, mc))
+                                         learner.table, mc, query_vectors=learner.query_vectors))
     tc = tr.cfg
     tr.cfg = dataclasses.replace(tc, max_steps=steps, time_budget_s=0.0)
     info = tr.fit(hist, lambda: float(tr.steps), log=lambda line: print(line, file=sys.stderr, flush=True))
@@ -103,13 +104,13 @@ def offline_train(learner: OnlineLearner, seqs: dict[str, list[dict]], qtext: di
     return info
 
 
-def from_checkpoint(snap: dict, cfg, pieces, sentence_of=None) -> OnlineLearner:
+def from_checkpoint(snap: dict, cfg, pieces, sentence_of=None, query_vectors=None) -> OnlineLearner:
     """A learner from a snapshot's arrays, as the pipeline opens the registry's latest version
     (`streaming.finetune.open_learner`): weights, item table, optimiser moments, step count."""
     return OnlineLearner.from_arrays(cfg.model, cfg.train, cfg.online, item_ids=snap["item_ids"],
                                      weights=snap["ranking"], table_arrays=snap["extra"]["idtable"],
                                      trainer_arrays=snap["extra"]["trainer"], pieces_of=pieces,
-                                     sentence_of=sentence_of)
+                                     sentence_of=sentence_of, query_vectors=query_vectors)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     clicks, qtext, pieces = load_stream(cfg)
     # with model.sentence_encoder: the catalogue's MiniLM vectors, as the pipeline's FineTune stage has them
     sentence_of = sentence_lookup(str(ROOT / ".cache/unirec/ml-100k/items.jsonl"), mc, str(ROOT / ".cache/unirec"))
+    qv = query_vectors(mc, str(ROOT / ".cache/unirec"))      # and the queries' (None without the option)
     t0, t1 = clicks[0]["ts"], clicks[-1]["ts"]
     cut = t0 + args.split * (t1 - t0)
     head = [c for c in clicks if c["ts"] <= cut]
@@ -135,11 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     # the head trains as `unirec train --offline` does: with the model's dropout (the online arms fine-tune without)
     offline = OnlineLearner.fresh(mc, cfg.train, dataclasses.replace(cfg.online, dropout=True), pieces_of=pieces,
-                                  sentence_of=sentence_of)
+                                  sentence_of=sentence_of, query_vectors=qv)
     info = offline_train(offline, seqs, qtext, args.train_steps)
     offline_s = time.perf_counter() - t
     snap = offline.snapshot()
-    online, frozen = from_checkpoint(snap, cfg, pieces, sentence_of), from_checkpoint(snap, cfg, pieces, sentence_of)
+    online, frozen = (from_checkpoint(snap, cfg, pieces, sentence_of, qv)
+                      for _ in range(2))
     sums = {"online": EvalSums(k=10), "frozen": EvalSums(k=10)}
     secs = {"online": 0.0, "frozen": 0.0}
     keep = cfg.features.max_sequence_length

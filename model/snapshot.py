@@ -45,7 +45,7 @@ from unirec.model.text import hash_pieces
 from unirec.model.vocab import ItemTable
 
 log = logging.getLogger(__name__)
-OPTIONAL_WEIGHTS = ("repeat_logit",)   # weights a version may lack (added later; initialised as a new model's)
+OPTIONAL_WEIGHTS = ("repeat_logit", "semantic_scale")   # weights a version may lack (added later; initialised as a new model's)
 
 
 def model_config_from(d: dict) -> ModelConfig:
@@ -66,11 +66,11 @@ def load_weights(model: UnifiedRecommender, weights: dict) -> None:
         raise ValueError("this version was trained with query tokens in the sequence (the layout before "
                          "late fusion of queries) and has no query_fuse weights; this code cannot read its "
                          "search state: retrain it (`unirec train --offline`)")
-    missing = [k for k in OPTIONAL_WEIGHTS if k not in weights]
+    state = model.state_dict()
+    missing = [k for k in OPTIONAL_WEIGHTS if k in state and k not in weights]
     if missing:
         log.info("version has no %s (saved before it existed): initialised as a new model's",
                  ", ".join(missing))
-        state = model.state_dict()
         weights = dict(weights) | {k: state[k] for k in missing}
     model.load_state_dict(weights)
 
@@ -128,13 +128,15 @@ def _query_pieces(text: str, n_buckets: int, ngram: int, max_pieces: int) -> tup
 
 def history_from_columns(item_ids: Sequence[str], labels: Sequence[int], ts: Sequence[int],
                          surfaces: Sequence[str], query_texts: Sequence[str | None], table, mc: ModelConfig,
-                         rows: np.ndarray | None = None) -> History:
+                         rows: np.ndarray | None = None, query_vectors=None) -> History:
     """A model History from plain columns (e.g. a Feast user sequence); items the table
     does not know map to row 0 (unknown) - reading never allocates rows. `rows`: the
-    items' rows if the caller has them (`ItemTable.assign`)."""
-    queries = [None if (q is None or s != "search") else
-               (list(_query_pieces(q, mc.n_buckets, mc.ngram, mc.max_query_pieces)) or None)
-               for q, s in zip(query_texts, surfaces)]
+    items' rows if the caller has them (`ItemTable.assign`). `query_vectors` (texts ->
+    sentence vectors, `model.sentence.QueryVectors`): the search queries' vectors too."""
+    texts = [q if s == "search" else None for q, s in zip(query_texts, surfaces)]
+    queries = [None if q is None else (list(_query_pieces(q, mc.n_buckets, mc.ngram, mc.max_query_pieces)) or None)
+               for q in texts]
     rows = table.rows(item_ids) if rows is None else rows
     return History(rows, np.asarray(labels, dtype=np.int64), np.asarray(ts, dtype=np.int64),
-                   np.array([SEARCH if s == "search" else REC for s in surfaces], dtype=np.int64), queries)
+                   np.array([SEARCH if s == "search" else REC for s in surfaces], dtype=np.int64), queries,
+                   None if query_vectors is None else query_vectors(texts))

@@ -170,8 +170,8 @@ class Trainer:
         srows = (srch_t > 0).nonzero().squeeze(1)
         if len(srows):
             lex = None
-            if m.cfg.use_lexical and self.cfg.negatives == "all":
-                lex = m.lexical_scores(batch["query"].reshape(B * T, -1)[srows])        # (S, N_rows)
+            if self.cfg.negatives == "all":
+                lex = m.batch_query_channel_scores(batch, srows)                    # (S, N_rows) or None
             sl = self._retrieval(m.search_vectors(h, batch, srows), srch_t[srows], items, lexical=lex,
                                  keep=None if scored is None else scored["search"])
             out["search"] = sl.detach()
@@ -289,7 +289,7 @@ class Trainer:
         self.progress = (lambda: max(f() for f in budgets)) if budgets else None
         token_lists = train_windows(histories, mc.max_len, use_queries=mc.use_queries,   # tokenised once, not per epoch
                                     use_feedback=mc.use_feedback, all_targets=cfg.all_targets,
-                                    feedback_tokens=mc.feedback_tokens)
+                                    feedback_tokens=mc.feedback_tokens, use_query_vecs=mc.sentence_encoder)
         epoch = 0
         for epoch in range(1, cfg.epochs + 1):
             t0, logs = time.perf_counter(), []

@@ -245,9 +245,15 @@ def _rank_logits(model, h: torch.Tensor) -> torch.Tensor:
 class Servable:
     """A model snapshot prepared for serving (item vectors frozen, id maps built)."""
 
-    def __init__(self, snap, candidates: int):
+    def __init__(self, snap, candidates: int, query_vectors: Callable[[list], list] | None = None):
+        """`query_vectors` (query texts -> sentence vectors, `model.sentence.QueryVectors`) is
+        needed by a version trained with `sentence_encoder`: its searches read the query's."""
         self.snap, self.version, self.candidates = snap, snap.version, candidates
         m = self.model = snap.model
+        if m.cfg.sentence_encoder and query_vectors is None:
+            raise ValueError(f"version {snap.version} uses model.sentence_encoder: the server needs the "
+                             "encoder's files to embed queries (data.cache_dir or model.sentence_encoder_path)")
+        self.query_vectors = query_vectors if m.cfg.sentence_encoder else None
         with torch.no_grad():
             frozen = m.item_vectors().detach()
         m.item_vectors = lambda: frozen          # weights never change in a loaded version
@@ -299,22 +305,23 @@ class Servable:
         b, c = torch.from_numpy(b[keep]), torch.from_numpy(c[keep])
         logits.index_put_((b, c), logits[b, c] + self.repeat_w)
 
-    def _search_scores(self, hs: list[History], pieces: list[list[int]], query_ts: list[int]):
+    def _search_scores(self, hs: list[History], pieces: list[list[int]], query_ts: list[int], texts: list[str]):
         m = self.model
+        vecs = None if self.query_vectors is None else self.query_vectors(texts)
         if not self.one_pass:
-            return m.search_scores(hs, pieces, query_ts)[:, self.rows], lambda rows: m.rank(hs, rows)
+            return m.search_scores(hs, pieces, query_ts, vecs)[:, self.rows], lambda rows: m.rank(hs, rows)
         # late fusion (model/model.py): the rec state after the history, fused with the query;
         # a model without queries answers with its rec state. Candidates see the history only.
         batch = m._context(hs)
         state, cache = state_and_cache(m, batch, batch["length"] - 1)
         if m.cfg.use_queries:
-            p = query_tensor(pieces)
-            u = m.search_vectors_from(state, batch["length"] > 0, p)
+            p, sent = query_tensor(pieces), m._query_sentences(vecs, pieces)
+            u = m.search_vectors_from(state, batch["length"] > 0, p, sent)
         else:
             u = m.user_vectors(state)
         logits = u @ self.emb.T / m.cfg.temperature
-        if m.cfg.use_queries and m.cfg.use_lexical:
-            logits = logits + m.lexical_scores(p)[:, self.rows]
+        if m.cfg.use_queries and (extra := m.query_channel_scores(p, sent)) is not None:
+            logits = logits + extra[:, self.rows]
         return logits, self._probs(batch, cache, batch["length"])
 
     def _probs(self, batch, cache, prefix):
@@ -336,9 +343,10 @@ class Servable:
         cand = self.rows[None, :n]
         try:
             self.one_pass = True
-            fast = [self._recommend_scores([h]), self._search_scores([h], [[4, 5]], [int(h.ts[-1])])]
+            q = ([[4, 5]], [int(h.ts[-1])], ["agreement check"])
+            fast = [self._recommend_scores([h]), self._search_scores([h], *q)]
             self.one_pass = False
-            ref = [self._recommend_scores([h]), self._search_scores([h], [[4, 5]], [int(h.ts[-1])])]
+            ref = [self._recommend_scores([h]), self._search_scores([h], *q)]
             ok = all(torch.allclose(f[0], r[0], atol=tol * 10) and torch.allclose(f[1](cand), r[1](cand), atol=tol)
                      for f, r in zip(fast, ref))
         except Exception as e:  # noqa: BLE001 - the model's own calls still work
@@ -387,24 +395,28 @@ class Servable:
         return self.recommend_many([seq], [k], [exclude_seen])[0]
 
     @torch.inference_mode()
-    def search_many(self, seqs: list, pieces: list[list[int]], ks: list[int]) -> list[tuple[list, list]]:
-        """(items, scores) per non-empty sequence: `search_scores` at the last event's time, re-ranked."""
-        logits, probs = self._search_scores([self.history(s) for s in seqs], pieces, [int(s.ts[-1]) for s in seqs])
+    def search_many(self, seqs: list, pieces: list[list[int]], ks: list[int], texts: list[str]
+                    ) -> list[tuple[list, list]]:
+        """(items, scores) per non-empty sequence: `search_scores` at the last event's time, re-ranked
+        (`pieces`: each query's hashed pieces, `texts`: the queries themselves)."""
+        logits, probs = self._search_scores([self.history(s) for s in seqs], pieces, [int(s.ts[-1]) for s in seqs],
+                                            texts)
         return self._rerank(logits, probs, ks, [0] * len(seqs))
 
     @torch.inference_mode()
-    def search_cold(self, pieces: list[int], k: int) -> tuple[list[str], list[float]]:
+    def search_cold(self, pieces: list[int], k: int, text: str) -> tuple[list[str], list[float]]:
         """Query-only search (no history, so nothing to re-rank with)."""
         empty = np.zeros(0, dtype=np.int64)
-        s = self.model.search_scores([History(empty, empty, empty, empty, [])], [pieces], [0])[0][self.rows]
+        vecs = None if self.query_vectors is None else self.query_vectors([text])
+        s = self.model.search_scores([History(empty, empty, empty, empty, [])], [pieces], [0], vecs)[0][self.rows]
         top = s.topk(min(k, len(self.ids)))
         return [self.ids[j] for j in top.indices.tolist()], torch.softmax(s, 0)[top.indices].tolist()
 
-    def search(self, seq, pieces: list[int], k: int) -> tuple[list[str], list[float], bool]:
+    def search(self, seq, pieces: list[int], k: int, text: str) -> tuple[list[str], list[float], bool]:
         """(items, scores, cold): query-only when there is no sequence."""
         if seq is None or not seq.item_ids:
-            return *self.search_cold(pieces, k), True
-        return *self.search_many([seq], [pieces], [k])[0], False
+            return *self.search_cold(pieces, k, text), True
+        return *self.search_many([seq], [pieces], [k], [text])[0], False
 
     def popular(self, k: int) -> tuple[list[str], list[float]]:
         pop = self.popularity if self.popularity is not None else np.zeros(len(self.ids))
@@ -428,8 +440,11 @@ class View(NamedTuple):
 class ModelHolder:
     """Loads versions off the request path and keeps `(latest, {version: Servable})`."""
 
-    def __init__(self, registry, loader: Callable[[str], Any], candidates: int, metrics: ServingMetrics):
+    def __init__(self, registry, loader: Callable[[str], Any], candidates: int, metrics: ServingMetrics,
+                 query_vectors: Callable[[Any], Any] = lambda mc: None):
+        """`query_vectors(model config)`: the query encoder a version needs (None: none)."""
         self.registry, self.loader, self.candidates, self.metrics = registry, loader, candidates, metrics
+        self.query_vectors = query_vectors
         self.view: tuple[str | None, Mapping[str, Servable]] = (None, {})
         self.failed: set[str] = set()
 
@@ -443,7 +458,8 @@ class ModelHolder:
         new = {v: s for v, s in loaded.items() if v in wanted}
         for name in sorted(wanted - set(new) - self.failed):
             try:
-                new[name] = Servable(self.loader(name), self.candidates)
+                snap = self.loader(name)
+                new[name] = Servable(snap, self.candidates, self.query_vectors(snap.model.cfg))
                 self.metrics.loads.labels("ok").inc()
                 log.info("serving: loaded model version %s", name)
             except Exception as e:  # noqa: BLE001 - keep serving what we have

@@ -121,8 +121,10 @@ class Service:
 
     def __init__(self, cfg: ServingConfig, exp_cfg: ExperimentsConfig, registry, *, store_factory: Callable[[], Any],
                  exposure_sender: Callable[[dict], None] | None = None, kafka_cfg=None, metrics_registry=None,
-                 loader=None):
-        """Exposures go to `exposure_sender`, or to Kafka (`kafka_cfg.topics.exposures`) if it is None."""
+                 loader=None, query_vectors: Callable[[Any], Any] | None = None):
+        """Exposures go to `exposure_sender`, or to Kafka (`kafka_cfg.topics.exposures`) if it is None.
+        `query_vectors(model config)`: the query encoder of versions trained with
+        `sentence_encoder` (`model.sentence.query_vectors`); without it they are not served."""
         from prometheus_client import CollectorRegistry
 
         self.cfg, self.exp_cfg, self.registry = cfg, exp_cfg, registry
@@ -131,7 +133,8 @@ class Service:
         if loader is None:
             from unirec.model.snapshot import load_snapshot
             loader = lambda name: load_snapshot(registry, name)  # noqa: E731
-        self.holder = ModelHolder(registry, loader, cfg.candidates, self.metrics)
+        self.holder = ModelHolder(registry, loader, cfg.candidates, self.metrics,
+                                  query_vectors or (lambda mc: None))
         if exposure_sender is None:
             exposure_sender = KafkaSender(kafka_cfg, kafka_cfg.topics.exposures, self.metrics)
         self.exposures = ExposureLog(exposure_sender, self.metrics, cfg.exposure_queue)
@@ -331,7 +334,7 @@ class Service:
                 if not pieces:
                     out[i] = (400, {"error": f"q: {r.q!r} has no searchable word"}, arm.name)
                 elif cold:
-                    answers[i] = (*s.search_cold(pieces, r.k), True)
+                    answers[i] = (*s.search_cold(pieces, r.k, r.q), True)
                 else:
                     searches.setdefault(s, []).append((i, r, seq, pieces))
             elif cold:
@@ -346,7 +349,8 @@ class Service:
         for s, group in searches.items():
             for start in range(0, len(group), MAX_BATCH):
                 part = group[start: start + MAX_BATCH]
-                found = s.search_many([g[2] for g in part], [g[3] for g in part], [g[1].k for g in part])
+                found = s.search_many([g[2] for g in part], [g[3] for g in part], [g[1].k for g in part],
+                                           [g[1].q for g in part])
                 for (i, _, _, _), (items, scores) in zip(part, found):
                     answers[i] = (items, scores, False)
         for i, r, arm, s in live:

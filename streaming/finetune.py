@@ -135,7 +135,7 @@ def sentence_lookup(catalogue: str | None, mc, cache_dir: str) -> Any:
     from unirec.model import sentence
     from unirec.model.vocab import item_text
 
-    encoder = sentence.SentenceEncoder(sentence.fetch(cache_dir, mc.sentence_encoder_path))
+    encoder = sentence.query_vectors(mc, cache_dir).encoder     # the one the queries use
     texts = {i: t for i, it in _catalogue(catalogue).items() if (t := item_text(it)).strip()}
     ids = sorted(texts)
     vectors = sentence.encode_cached(encoder, [texts[i] for i in ids], cache_dir) if ids else None
@@ -147,8 +147,11 @@ def open_learner(spec: FineTuneSpec) -> OnlineLearner:
     """The registry's latest version as a learner (model, item table, optimiser), else a fresh one."""
     from unirec.ops.registry import Registry, RegistryError
 
+    from unirec.model.sentence import query_vectors
+
     pieces_of = pieces_lookup(spec.catalogue, spec.model)
     sentence_of = sentence_lookup(spec.catalogue, spec.model, spec.cache_dir)
+    qv = query_vectors(spec.model, spec.cache_dir)
     try:
         reg = Registry(spec.registry_path)
         if reg.latest() is not None:
@@ -156,14 +159,14 @@ def open_learner(spec: FineTuneSpec) -> OnlineLearner:
             learner = OnlineLearner.from_arrays(spec.model, spec.train, spec.online, item_ids=v.item_ids,
                                                 weights=v.ranking, table_arrays=v.extra["idtable"],
                                                 trainer_arrays=v.extra.get("trainer"), pieces_of=pieces_of,
-                                                sentence_of=sentence_of)
+                                                sentence_of=sentence_of, query_vectors=qv)
             learner.version = v.manifest.version
             learner.state_batch = int(v.manifest.metrics.get("state_batch") or 0)
             return learner
     except (RegistryError, KeyError) as e:
         log.warning("cannot resume from the registry at %s (%s): starting a fresh model", spec.registry_path, e)
     learner = OnlineLearner.fresh(spec.model, spec.train, spec.online, pieces_of=pieces_of,
-                                  sentence_of=sentence_of)
+                                  sentence_of=sentence_of, query_vectors=qv)
     learner.version, learner.state_batch = None, 0
     return learner
 

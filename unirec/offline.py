@@ -65,6 +65,7 @@ class Dataset:
     test: list[EvalCase]
     items: dict[str, dict]
     full: dict[str, History]       # each user's whole history in model form (cases slice it)
+    query_vectors: object = None   # model.sentence.QueryVectors with `sentence_encoder`, else None
 
     def history(self, case: EvalCase) -> History:
         return self.full[case.user_id].slice(0, len(case.history))
@@ -74,23 +75,25 @@ def load(data_dir: Path, mcfg: ModelConfig, cache_dir: Path | None = None) -> Da
     """The prepared stream in `data_dir` (`<cache_dir>/ml-100k` by default: the sentence
     encoder's files and vectors are cached in `cache_dir`, default its parent)."""
     items = load_items(data_dir / "items.jsonl")
-    encode = None
-    if mcfg.sentence_encoder:
+    encode = qv = None
+    users = leave_one_out(load_events(data_dir / "events.jsonl"))
+    if mcfg.sentence_encoder:   # items' and queries' texts, each encoded once (disk cache)
         from unirec.model import sentence
 
         cache_dir = Path(data_dir).parent if cache_dir is None else Path(cache_dir)
-        encoder = sentence.SentenceEncoder(sentence.fetch(cache_dir, mcfg.sentence_encoder_path))
-        encode = lambda texts: sentence.encode_cached(encoder, texts, cache_dir)  # noqa: E731
+        qv = sentence.query_vectors(mcfg, cache_dir)
+        encode = lambda texts: sentence.encode_cached(qv.encoder, texts, cache_dir)  # noqa: E731
+        qv.preload([q for h in users.values() for q in h.query_texts if q is not None], cache_dir)
     vocab = Vocab.build(items, n_buckets=mcfg.n_buckets, ngram=mcfg.ngram, max_pieces=mcfg.max_item_pieces,
                         encode=encode)
-    users = leave_one_out(load_events(data_dir / "events.jsonl"))
     train, valid, test = split_cases(users)
-    full = {u: to_history(h, vocab, mcfg) for u, h in users.items()}
-    return Dataset(vocab, train, valid, test, items, full)
+    full = {u: to_history(h, vocab, mcfg, qv) for u, h in users.items()}
+    return Dataset(vocab, train, valid, test, items, full, qv)
 
 
-def to_history(h: UserHistory, vocab: Vocab, mcfg: ModelConfig) -> History:
-    """unirec.data's UserHistory (string ids) -> the model's History (rows, hashed queries)."""
+def to_history(h: UserHistory, vocab: Vocab, mcfg: ModelConfig, query_vectors=None) -> History:
+    """unirec.data's UserHistory (string ids) -> the model's History (rows, hashed queries,
+    and the queries' sentence vectors when `query_vectors` is given)."""
     return History(
         items=vocab.rows(h.item_ids),
         labels=np.asarray(h.labels, dtype=np.int64),
@@ -98,7 +101,8 @@ def to_history(h: UserHistory, vocab: Vocab, mcfg: ModelConfig) -> History:
         surfaces=np.array([SEARCH if s == "search" else REC for s in h.surfaces], dtype=np.int64),
         queries=[None if q is None else (hash_pieces(q, mcfg.n_buckets, ngram=mcfg.ngram,
                                                      max_pieces=mcfg.max_query_pieces) or None)
-                 for q in h.query_texts])
+                 for q in h.query_texts],
+        query_vecs=None if query_vectors is None else query_vectors(list(h.query_texts)))
 
 
 def _chunks(seq, n):
@@ -118,7 +122,8 @@ def retrieval_metrics(model: UnifiedRecommender, ds: Dataset, cases: list[EvalCa
         if search:
             q = [hash_pieces(c.query_text, mc.n_buckets, ngram=mc.ngram, max_pieces=mc.max_query_pieces)
                  for c in chunk]
-            scores = model.search_scores(hs, q, [c.ts for c in chunk])
+            qv = None if ds.query_vectors is None else ds.query_vectors([c.query_text for c in chunk])
+            scores = model.search_scores(hs, q, [c.ts for c in chunk], query_vecs=qv)
         else:
             scores = model.recommend_scores(hs)
         ranks.append(metrics.target_ranks(scores, v.rows([c.item_id for c in chunk]), pad_index=0))

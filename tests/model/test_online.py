@@ -315,7 +315,9 @@ def test_old_context_is_cut_without_changing_the_windows():
 
 def as_lists(window: dict) -> dict:
     """A window's columns as plain lists (`event_tokens` gives arrays; () for "no query", as [])."""
-    return {k: [list(q) for q in v] if k == "query" else list(np.asarray(v).tolist()) for k, v in window.items()}
+    return {k: [list(q) for q in v] if k == "query" else
+            [None if x is None else x.tolist() for x in v] if k == "query_vec" else
+            list(np.asarray(v).tolist()) for k, v in window.items()}
 
 
 
@@ -377,14 +379,15 @@ def test_event_tokens_equal_batchings_token_lists():
         n = int(rng.integers(0, 10))
         queries = [None if rng.random() < 0.6 else [int(x) for x in rng.integers(1, 50, rng.integers(0, 4))]
                    for _ in range(n)]                        # includes [] (a query without pieces)
+        vecs = None if rng.random() < 0.5 else [rng.random(3) for q in queries]   # (one without a query: unused)
         h = History(rng.integers(1, 30, n), rng.integers(0, 2, n), np.sort(rng.integers(0, 10**6, n)),
-                    rng.integers(0, 2, n), queries)
+                    rng.integers(0, 2, n), queries, vecs)
         for loss_from in range(n + 1):
             for use_queries in (True, False):
                 for use_feedback in (True, False):
                     fast = event_tokens(h, loss_from, use_queries, use_feedback)
-                    assert all(v.dtype == np.int64 for k, v in fast.items() if k != "query")
-                    assert as_lists(fast) == _tokens(h, loss_from, use_queries, use_feedback)
+                    assert all(v.dtype == np.int64 for k, v in fast.items() if k not in ("query", "query_vec"))
+                    assert as_lists(fast) == as_lists(_tokens(h, loss_from, use_queries, use_feedback))
 
 
 def _fresh_and_replayed(lr):

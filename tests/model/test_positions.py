@@ -7,7 +7,8 @@ import torch
 from unirec.model import positions
 from unirec.model.batching import History, context_batch
 from unirec.model.config import ModelConfig
-from unirec.model.model import Attention, UnifiedRecommender
+from unirec.model.blocks import Attention
+from unirec.model.model import UnifiedRecommender
 from unirec.model.vocab import Vocab
 
 HEAD = 16

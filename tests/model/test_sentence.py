@@ -124,7 +124,7 @@ def test_the_option_starts_as_the_hashed_text_model_and_then_learns_the_projecti
     with_sentence = UnifiedRecommender(dataclasses.replace(base, sentence_encoder=True), vocab)
     without = UnifiedRecommender(base, vocab)
     missing, unexpected = without.load_state_dict(with_sentence.state_dict(), strict=False)
-    assert (missing, unexpected) == ([], ["sentence_proj.weight"])
+    assert (missing, unexpected) == ([], ["semantic_scale", "sentence_proj.weight"])
     assert torch.equal(with_sentence.item_vectors(), without.item_vectors())   # W_s starts at 0
     loss = with_sentence.item_vectors()[1:3].sum()
     loss.backward()
@@ -159,14 +159,20 @@ def _online_learner():
     oc = OnlineConfig(item_capacity=4, replay_buffer=20)
     known = {str(i): _vec(i) for i in range(1, 9)}        # items 9+ are not in the "catalogue"
     return mc, tc, oc, OnlineLearner.fresh(mc, tc, oc, pieces_of=lambda i: [int(i) % 90 + 1],
-                                           sentence_of=known.get)
+                                           sentence_of=known.get, query_vectors=_fake_query_vectors)
+
+
+def _fake_query_vectors(texts):
+    return [None if t is None else _vec(len(t)) for t in texts]
 
 
 def _batch(start: int):
+    """4 users, 6 events each; every third a search with its query text."""
     from unirec.model.online import Example
 
     return [Example(str(u), [str((start + u + k) % 12 + 1) for k in range(6)], [1, 0, 1, 0, 1, 0],
-                    [10**9 + 60 * k for k in range(6)], ["rec"] * 6, [None] * 6, 6) for u in range(4)]
+                    [10**9 + 60 * k for k in range(6)], ["search" if k % 3 == 2 else "rec" for k in range(6)],
+                    [f"query {u} {k}" if k % 3 == 2 else None for k in range(6)], 6) for u in range(4)]
 
 
 def test_new_items_get_their_sentence_vector_and_expired_rows_lose_it():
@@ -192,8 +198,12 @@ def test_the_learner_trains_and_grows_with_sentence_vectors_and_a_snapshot_resto
     assert lr.model.item_sentence[lr.table.row("5"), 5] == 1.0
     assert lr.model.sentence_proj.weight.abs().sum() > 0                # trained from its zero start
     snap = lr.snapshot()
+    with pytest.raises(ValueError, match="query_vectors"):
+        OnlineLearner.from_arrays(mc, tc, oc, item_ids=snap["item_ids"], weights=snap["ranking"],
+                                  table_arrays=snap["extra"]["idtable"], trainer_arrays=snap["extra"]["trainer"])
     back = OnlineLearner.from_arrays(mc, tc, oc, item_ids=snap["item_ids"], weights=snap["ranking"],
-                                     table_arrays=snap["extra"]["idtable"], trainer_arrays=snap["extra"]["trainer"])
+                                     table_arrays=snap["extra"]["idtable"], trainer_arrays=snap["extra"]["trainer"],
+                                     query_vectors=_fake_query_vectors)
     rows = [lr.table.row(i) for i in snap["item_ids"]]
     np.testing.assert_allclose(back.model.item_embeddings()[rows].detach().numpy(), snap["item_embeddings"],
                                rtol=1e-6, atol=1e-6)

@@ -30,7 +30,22 @@ VARIANTS = {
     "no_feedback": {"use_feedback": False},
     "no_queries": {"use_queries": False},
     "normalized_no_repeat": {"normalize": True, "repeat_bias": False},
+    "sentence": {"sentence_encoder": True},
 }
+QUERIES = ("golf", "kilo lima", "zulu", "alpha", "romeo")
+
+
+def fake_sentences(texts):
+    """A stand-in for the MiniLM encoder (its own tests are in tests/model/test_sentence.py):
+    a fixed random unit vector per text, or None."""
+    out = []
+    for t in texts:
+        if t is None:
+            out.append(None)
+            continue
+        v = np.random.default_rng(sum(map(ord, t))).standard_normal(384).astype(np.float32)
+        out.append(v / np.linalg.norm(v))
+    return out
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +58,9 @@ def servable(tmp_path, mc: ModelConfig = MC, *, repeat: float = 0.0, candidates:
     token, mask or position changes the scores visibly), loaded for serving."""
     text = dict(zip(ITEMS, NAMES))
     pieces_of = lambda iid: hash_pieces(text[iid], mc.n_buckets, ngram=mc.ngram, max_pieces=mc.max_item_pieces)  # noqa: E731
-    learner = OnlineLearner.fresh(mc, TrainConfig(seed=3), OnlineConfig(item_capacity=32), pieces_of=pieces_of)
+    qv = fake_sentences if mc.sentence_encoder else None
+    learner = OnlineLearner.fresh(mc, TrainConfig(seed=3), OnlineConfig(item_capacity=32), pieces_of=pieces_of,
+                                  sentence_of=lambda iid: fake_sentences([text[iid]])[0], query_vectors=qv)
     learner.table.assign(ITEMS, [0] * len(ITEMS))
     learner.model.refresh_items()
     g = torch.Generator().manual_seed(7)
@@ -57,7 +74,7 @@ def servable(tmp_path, mc: ModelConfig = MC, *, repeat: float = 0.0, candidates:
     v = reg.publish(item_embeddings=snap["item_embeddings"], item_ids=snap["item_ids"], ranking=snap["ranking"],
                     extra={"idtable": snap["extra"]["idtable"]}, watermark=None, offsets={}, metrics={},
                     model_config=mc).version
-    return sv.Servable(load_snapshot(reg, v), candidates)
+    return sv.Servable(load_snapshot(reg, v), candidates, qv)
 
 
 def sequences(n: int = 5) -> list[UserSequence]:
@@ -77,7 +94,7 @@ def sequences(n: int = 5) -> list[UserSequence]:
     return out
 
 
-def reference(s: sv.Servable, seqs, ks, exclude_seen, pieces=None) -> list[tuple[list, list]]:
+def reference(s: sv.Servable, seqs, ks, exclude_seen, pieces=None, texts=None) -> list[tuple[list, list]]:
     """Retrieval logits from the model's public calls (what the offline evaluation ranks with),
     the top candidates re-ranked by `model.rank`: P(choose) x P(positive)."""
     m = s.model
@@ -86,7 +103,8 @@ def reference(s: sv.Servable, seqs, ks, exclude_seen, pieces=None) -> list[tuple
         if pieces is None:
             logits = m.recommend_scores(hs)[:, s.rows]
         else:
-            logits = m.search_scores(hs, pieces, [int(q.ts[-1]) for q in seqs])[:, s.rows]
+            vecs = fake_sentences(texts) if m.cfg.sentence_encoder else None
+            logits = m.search_scores(hs, pieces, [int(q.ts[-1]) for q in seqs], vecs)[:, s.rows]
     out = []
     for b, (q, k, excl) in enumerate(zip(seqs, ks, exclude_seen)):
         row = logits[b].clone()
@@ -136,8 +154,22 @@ def test_recommend_and_search_rank_like_the_models_own_calls(tmp_path, variant):
     assert_same_lists(s.recommend_many(seqs, ks, excl), reference(s, seqs, ks, excl))
     mc = s.model.cfg
     pieces = [hash_pieces(q, mc.n_buckets, ngram=mc.ngram, max_pieces=mc.max_query_pieces)
-              for q in ("golf", "kilo lima", "zulu", "alpha", "romeo")]
-    assert_same_lists(s.search_many(seqs, pieces, ks), reference(s, seqs, ks, [False] * 5, pieces))
+              for q in QUERIES]
+    assert_same_lists(s.search_many(seqs, pieces, ks, list(QUERIES)),
+                      reference(s, seqs, ks, [False] * 5, pieces, list(QUERIES)))
+
+
+def test_a_sentence_version_embeds_each_query_and_is_not_served_without_the_encoder(tmp_path):
+    s = servable(tmp_path, dataclasses.replace(MC, sentence_encoder=True))
+    seqs, mc = sequences(), s.model.cfg
+    pieces = [hash_pieces("golf", mc.n_buckets, ngram=mc.ngram, max_pieces=mc.max_query_pieces)] * len(seqs)
+    a = s.search_many(seqs, pieces, [5] * 5, ["golf"] * 5)
+    b = s.search_many(seqs, pieces, [5] * 5, ["something else entirely"] * 5)   # same pieces, another text
+    assert [x[1] for x in a] != [x[1] for x in b]
+    cold_a, cold_b = s.search_cold(pieces[0], 5, "golf"), s.search_cold(pieces[0], 5, "something else entirely")
+    assert cold_a[1] != cold_b[1]
+    with pytest.raises(ValueError, match="sentence_encoder"):
+        sv.Servable(s.snap, 8)
 
 
 def test_answers_do_not_depend_on_what_else_is_in_the_batch(tmp_path):

@@ -32,8 +32,12 @@ def build_app(cfg, *, registry_path: str | None = None):
         from unirec.features.online import OnlineStore
         return OnlineStore(cfg.features)
 
+    def query_vectors(mc):   # versions trained with the sentence encoder embed each query with it
+        from unirec.model import sentence
+        return sentence.query_vectors(mc, cfg.data.cache_dir)
+
     service = Service(cfg.serving, cfg.experiments, Registry.from_config(rcfg), store_factory=store,
-                      kafka_cfg=cfg.kafka)
+                      kafka_cfg=cfg.kafka, query_vectors=query_vectors)
     return create_app(service)
 
 
