@@ -201,3 +201,24 @@ def test_a_version_whose_one_pass_disagrees_is_served_by_the_models_own_passes(t
     assert not s.one_pass
     seqs = sequences()
     assert_same_lists(s.recommend_many(seqs, [5] * 5, [True] * 5), reference(s, seqs, [5] * 5, [True] * 5))
+
+
+def test_the_server_loads_a_sentence_version_only_with_a_query_encoder(tmp_path):
+    """A version trained with `sentence_encoder` needs each query's vector: a server without
+    the encoder refuses it at load (counted, logged), one with it serves it."""
+    from prometheus_client import CollectorRegistry
+
+    from unirec.ops.metrics import ServingMetrics
+
+    servable(tmp_path, dataclasses.replace(MC, sentence_encoder=True))     # publishes into tmp_path/registry
+    reg = Registry(tmp_path / "registry")
+    load = lambda name: load_snapshot(reg, name)  # noqa: E731
+    metrics = ServingMetrics(CollectorRegistry())
+    latest, loaded = sv.ModelHolder(reg, load, 8, metrics).refresh({"latest"})
+    assert latest is None and not loaded
+    assert metrics.loads.labels("failed")._value.get() == 1
+    asked = []
+    holder = sv.ModelHolder(reg, load, 8, metrics, query_vectors=lambda mc: asked.append(mc) or fake_sentences)
+    latest, loaded = holder.refresh({"latest"})
+    assert latest == reg.latest() and loaded[latest].query_vectors is fake_sentences
+    assert asked and asked[0].sentence_encoder
