@@ -19,8 +19,9 @@ SASRec-like), `unified`, and the ablations `unified_no_enhancer`,
 plain RoPE), `unified_no_query` (no queries in its input, no search task; it
 answers a search with its recommendation state), `unified_no_repeat` (no learned repeat logit),
 and, only when named in `--variants`, `unified_minilm` (`model.sentence_encoder`: item
-vectors also get a learned projection of each item text's frozen all-MiniLM-L6-v2
-vector, model/sentence.py; the encoder is fetched and the titles encoded once, cached).
+vectors and search states also get a learned projection of the frozen all-MiniLM-L6-v2
+vector of each item text and query, and searches a semantic channel, model/sentence.py;
+the encoder is fetched and the titles and queries encoded once, cached on disk).
 
 The repeat logit (`ModelConfig.repeat_bias`, on in every other neural variant,
 `retrieval_only` included) is part of the model, not of the protocol: one
