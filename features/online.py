@@ -166,11 +166,13 @@ def user_encoded(states: Sequence[UserSequence], key_version: int) -> list[tuple
 def item_encoded(stats: Sequence[ItemStats], cfg: FeaturesConfig, key_version: int) -> list[tuple]:
     """`FastSqliteOnlineStore.write_encoded` rows for item_stats (see `user_encoded`)."""
     head = string_key_head("item_id", key_version)
-    double, one = proto_bytes.double, proto_bytes.int64
+    double, one, values_of = proto_bytes.double, proto_bytes.int64, item_stats.feature_values
+    names = item_stats.feature_names(cfg.item_windows_s)
+    encoders = [double if n.startswith("ctr_") else one for n in names]
     out = []
     for s in stats:
-        row = item_stats.feature_row(s, bucket_s=cfg.item_bucket_s, windows_s=cfg.item_windows_s)
-        values = [(n, double(v) if n.startswith("ctr_") else one(v), str(v)) for n, v in row.items()]
+        v = values_of(s, bucket_s=cfg.item_bucket_s, windows_s=cfg.item_windows_s)
+        values = [(n, enc(x), str(x)) for n, enc, x in zip(names, encoders, v)]
         out.append((string_key(head, s.item_id), values, _naive_utc(s.watermark), None))
     return out
 

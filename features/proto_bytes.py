@@ -69,9 +69,12 @@ def _list_types():
     return StringList, Int64List
 
 
+_SMALL_INT64 = [b" " + b for b in _SMALL]
+
+
 def int64(x: int) -> bytes:
     """`Value(int64_val=x).SerializeToString()`."""
-    return b" " + varint(x)
+    return _SMALL_INT64[x] if 0 <= x < 128 else b" " + varint(x)
 
 
 _DOUBLE = struct.Struct("<d").pack
