@@ -439,9 +439,11 @@ class UnifiedRecommender(nn.Module):
         last = h[torch.arange(len(histories)), (n - 1).clamp(min=0)]            # (B, d)
         if queries is None or not self.cfg.use_queries:
             return self.user_vectors(last)
-        return self.search_vectors_from(last, n > 0, query_tensor(queries), self._query_sentences(query_vecs, queries))
+        return self.search_vectors_from(last, n > 0, query_tensor(queries), self.query_sentences(query_vecs, queries))
 
-    def _query_sentences(self, query_vecs, queries) -> torch.Tensor | None:
+    def query_sentences(self, query_vecs, queries) -> torch.Tensor | None:
+        """(B, 384) sentence vectors of a call's B queries (`query_vecs`: arrays or None), or
+        None for a model without the sentence encoder."""
         if not self.cfg.sentence_encoder:
             return None
         return query_vec_tensor(query_vecs, len(queries), self.item_sentence.shape[1])
@@ -477,7 +479,7 @@ class UnifiedRecommender(nn.Module):
         (rec state if the model has no queries)."""
         s = self.retrieval_scores(self.user_state(histories, queries, query_vecs=query_vecs))
         if self.cfg.use_queries:
-            extra = self.query_channel_scores(query_tensor(queries), self._query_sentences(query_vecs, queries))
+            extra = self.query_channel_scores(query_tensor(queries), self.query_sentences(query_vecs, queries))
             if extra is not None:
                 s = s + extra
         return s

@@ -63,8 +63,8 @@ model's and the texts' hashes. Training: the (N_rows, 384) x (384, d) projection
 gradient cost ~2 ms a step.
 
 Measured on ML-100k with the item side only (before queries had it; bench/offline_quality.py,
-`unified` vs `unified_minilm`, seeds 2020 and 2021, means): at the bench's 100 s budget test NDCG@10 0.1013 vs 0.0988, validation
-0.1104 vs 0.1081 (1,501-1,570 vs 1,218-1,338 steps); at an equal 1,500 steps test 0.0979
+`unified` vs `unified_minilm`, seeds 2020 and 2021, means): at the bench's 100 s budget test
+NDCG@10 0.1013 vs 0.0988, validation 0.1104 vs 0.1081 (1,501-1,570 vs 1,218-1,338 steps); at an equal 1,500 steps test 0.0979
 vs 0.0965, validation 0.1047 vs 0.1097; split by the target item's training clicks
 (< 10: 41 test users, 10-29: 85, the rest: 817), no group moves beyond its noise either
 (e.g. 10-29: 0.030 vs 0.033); online (bench/online_vs_frozen.py, both arms with the

@@ -45,7 +45,8 @@ from unirec.model.text import hash_pieces
 from unirec.model.vocab import ItemTable
 
 log = logging.getLogger(__name__)
-OPTIONAL_WEIGHTS = ("repeat_logit", "semantic_scale")   # weights a version may lack (added later; initialised as a new model's)
+# weights a version may lack (added later; initialised as a new model's)
+OPTIONAL_WEIGHTS = ("repeat_logit", "semantic_scale")
 
 
 def model_config_from(d: dict) -> ModelConfig:

@@ -315,7 +315,7 @@ class Servable:
         batch = m._context(hs)
         state, cache = state_and_cache(m, batch, batch["length"] - 1)
         if m.cfg.use_queries:
-            p, sent = query_tensor(pieces), m._query_sentences(vecs, pieces)
+            p, sent = query_tensor(pieces), m.query_sentences(vecs, pieces)
             u = m.search_vectors_from(state, batch["length"] > 0, p, sent)
         else:
             u = m.user_vectors(state)
