@@ -33,6 +33,15 @@ Measured and not adopted (ML-100k, validation split only, 1,900 steps, seeds 202
   and 0.1106 / 0.810. The differences are within the run-to-run spread (the AUC
   of ~900 validation clicks alone has a standard error of ~0.015): on this data
   the weighting does not decide ranking AUC.
+
+What it trades (bench/offline_quality.py --variants unified,unified_no_weighter --steps 1500
+--seeds 1,2,3,4): it holds w_retrieval at its 0.5 floor from the first update, and on the
+validation split that costs next-item NDCG@10 (0.1055 vs 0.1068 with fixed 1 / 1 weights;
+fixed minus adaptive +0.0014, se 0.0011, positive on 3 seeds of 4) and buys ranking AUC
+(0.8067 vs 0.8012; higher on all 4 seeds). The same runs' test figures: NDCG@10 0.1008
+vs 0.1059, AUC over the held-out ratings 0.807 vs 0.806. The weighter stays on: it does
+what the design asks (balance the two tasks' pull on the trunk), and validation shows a
+trade, not a loss; `weighter.enabled: false` is the switch for a retrieval-first use.
 """
 from __future__ import annotations
 
