@@ -108,7 +108,7 @@ from unirec.model.batching import FEEDBACK, ITEM, PAD, History, context_batch, q
 from unirec.model.blocks import Block
 from unirec.model.config import ModelConfig
 from unirec.model.sparse import SparseMatmul, csr, lexical_index, piece_counts, piece_mean_matrix
-from unirec.model.vocab import Vocab
+from unirec.model.vocab import Vocab, live_mask
 
 
 def seen_matrix(items: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -116,17 +116,6 @@ def seen_matrix(items: torch.Tensor, n_rows: int) -> torch.Tensor:
     seen = torch.zeros(items.shape[0], n_rows).scatter_(1, items, 1.0)
     seen[:, 0] = 0.0
     return seen
-
-
-def live_mask(vocab) -> torch.Tensor:
-    """(N_rows,) True for rows that hold an item (a growing table also has free rows);
-    row 0 (padding / unknown) is never live."""
-    live = getattr(vocab, "live", None)
-    if live is None:
-        live = torch.ones(vocab.n_rows, dtype=torch.bool)
-    live = torch.as_tensor(live, dtype=torch.bool).clone()
-    live[0] = False
-    return live
 
 
 class UnifiedRecommender(nn.Module):
@@ -345,9 +334,8 @@ class UnifiedRecommender(nn.Module):
         None without the sentence encoder (zeros for a token that has none)."""
         if not self.cfg.sentence_encoder:
             return None
-        if "query_vec" not in batch:
-            return self._need_sentences(None, len(flat))
-        return batch["query_vec"][batch["query_vec_row"].reshape(-1)[flat]]
+        sent = batch["query_vec"][batch["query_vec_row"].reshape(-1)[flat]] if "query_vec" in batch else None
+        return self._need_sentences(sent, len(flat))
 
     def search_vectors(self, h, batch, flat):
         """(S, d) search query vectors for the search clicks at flat positions `flat` (b * T + t,

@@ -230,3 +230,14 @@ class ItemTable(_IdMap):
         t.free = sorted(set(range(1, t.n_rows)) - set(rows), reverse=True)
         t.added, t.expired, t.grown = (int(x) for x in arrays.get("counters", np.zeros(3, np.int64)))
         return t
+
+
+def live_mask(vocab) -> torch.Tensor:
+    """(N_rows,) True for rows that hold an item (a growing table also has free rows);
+    row 0 (padding / unknown) is never live."""
+    live = getattr(vocab, "live", None)
+    if live is None:
+        live = torch.ones(vocab.n_rows, dtype=torch.bool)
+    live = torch.as_tensor(live, dtype=torch.bool).clone()
+    live[0] = False
+    return live

@@ -1,4 +1,4 @@
-"""One published version ready to answer requests, and the cache of its ranked lists.
+"""One published version ready to answer requests, and the holder that swaps versions.
 
 `Servable` wraps a `unirec.model.snapshot.Snapshot`: the item vectors the model
 would recompute on every forward are computed once (the weights of a loaded
@@ -51,15 +51,13 @@ interleaved with the previous code, load ~5): 2.39 -> 2.10 ms for one request,
 attentions, 5 GELUs per pass) and ~240 dispatched ops of ~3 us each.
 
 `ModelHolder` loads versions off the request path and `View` is what one request
-reads (see "Hot swap" in `unirec.ops.serving`). `ListCache` is the LRU of ranked lists per (version, user, exclude_seen), valid
-while the user's sequence state (watermark, length, total clicks, queries) is unchanged.
+reads (see "Hot swap" in `unirec.ops.serving`). The cache of their ranked lists is
+`unirec.ops.list_cache`.
 """
 from __future__ import annotations
 
 import logging
 import math
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -253,7 +251,8 @@ class Servable:
         if m.cfg.sentence_encoder and query_vectors is None:
             raise ValueError(f"version {snap.version} uses model.sentence_encoder: the server needs the "
                              "encoder's files to embed queries (data.cache_dir or model.sentence_encoder_path)")
-        self.query_vectors = query_vectors if m.cfg.sentence_encoder else None
+        # texts -> vectors; a version without the encoder reads none
+        self.query_vectors = query_vectors if m.cfg.sentence_encoder else lambda texts: None
         with torch.no_grad():
             frozen = m.item_vectors().detach()
         m.item_vectors = lambda: frozen          # weights never change in a loaded version
@@ -307,7 +306,7 @@ class Servable:
 
     def _search_scores(self, hs: list[History], pieces: list[list[int]], query_ts: list[int], texts: list[str]):
         m = self.model
-        vecs = None if self.query_vectors is None else self.query_vectors(texts)
+        vecs = self.query_vectors(texts)
         if not self.one_pass:
             return m.search_scores(hs, pieces, query_ts, vecs)[:, self.rows], lambda rows: m.rank(hs, rows)
         # late fusion (model/model.py): the rec state after the history, fused with the query;
@@ -407,7 +406,7 @@ class Servable:
     def search_cold(self, pieces: list[int], k: int, text: str) -> tuple[list[str], list[float]]:
         """Query-only search (no history, so nothing to re-rank with)."""
         empty = np.zeros(0, dtype=np.int64)
-        vecs = None if self.query_vectors is None else self.query_vectors([text])
+        vecs = self.query_vectors([text])
         s = self.model.search_scores([History(empty, empty, empty, empty, [])], [pieces], [0], vecs)[0][self.rows]
         top = s.topk(min(k, len(self.ids)))
         return [self.ids[j] for j in top.indices.tolist()], torch.softmax(s, 0)[top.indices].tolist()
@@ -472,42 +471,3 @@ class ModelHolder:
             prepare(new[latest], self.view[0])
         self.view = (latest, new)
         return self.view
-
-
-# ---------------------------------------------------------------- ranked-list cache
-
-class Entry(NamedTuple):
-    fp: tuple                  # the sequence state the list was computed for
-    items: list[str]
-    scores: list[float]
-    complete: bool             # fewer items than asked exist: any larger k gets the same list
-    seq: Any                   # the sequence itself (to recompute it with a new version)
-    k: int
-
-
-class ListCache:
-    """LRU of ranked lists, (version, user, exclude_seen) -> Entry; one lock (the inference
-    thread reads and writes, the poller pre-warms)."""
-
-    def __init__(self, size: int):
-        self.size, self.d, self.lock = size, OrderedDict(), threading.Lock()
-
-    def get(self, key: tuple, fp: tuple, k: int) -> Entry | None:
-        with self.lock:
-            e = self.d.get(key)
-            if e is None or e.fp != fp or (len(e.items) < k and not e.complete):
-                return None
-            self.d.move_to_end(key)
-            return e
-
-    def put(self, key: tuple, e: Entry) -> None:
-        with self.lock:
-            self.d[key] = e
-            self.d.move_to_end(key)
-            while len(self.d) > self.size:
-                self.d.popitem(last=False)
-
-    def recent(self, version: str, n: int) -> list[tuple[tuple, Entry]]:
-        """The `n` most recently used entries of `version`, newest first."""
-        with self.lock:
-            return [(key, e) for key, e in reversed(self.d.items()) if key[0] == version][:n]

@@ -96,7 +96,8 @@ from unirec.ops import experiments as ex
 from unirec.ops.config import ExperimentsConfig, ServingConfig
 from unirec.ops.exposures import ExposureLog, KafkaSender
 from unirec.ops.metrics import ServingMetrics
-from unirec.ops.servable import Entry, ListCache, ModelHolder, Servable, View
+from unirec.ops.list_cache import Entry, ListCache
+from unirec.ops.servable import ModelHolder, Servable, View
 
 log = logging.getLogger(__name__)
 # Requests answered together at most: enough to amortise the per-operation overhead of the
