@@ -68,13 +68,18 @@ class EnhancerConfig:
 @dataclass(frozen=True)
 class WeighterConfig:
     enabled: bool = True
-    alpha: float = 0.5                  # GradNorm restoring force: weight ~ descent-rate ratio^alpha
+    alpha: float = 1.5                  # GradNorm restoring force: weight ~ descent-rate ratio^alpha
     ema: float = 0.9                    # smoothing of losses and of the weights
     every: int = 50                     # re-estimate gradient norms every N steps (costs two partial backwards)
-    min_weight: float = 0.5             # clamp of each weight (keeps retrieval from being starved)
+    min_weight: float = 0.5             # clamp of each weight (neither task is ever switched off)
     max_weight: float = 2.0
     fixed_retrieval: float = 1.0        # weights used when disabled
     fixed_ranking: float = 1.0
+    gradient: str = "log"               # "log": balance ||grad log L_i|| (relative rates); "raw": ||grad L_i||
+
+    def __post_init__(self) -> None:
+        if self.gradient not in ("log", "raw"):
+            raise ValueError(f"gradient: must be 'log' or 'raw', got {self.gradient!r}")
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,7 @@ class Trainer:
         self.weighter = AdaptiveWeighter(
             ("retrieval", "ranking"), enabled=w.enabled and self.has_ranking, alpha=w.alpha, ema=w.ema,
             every=w.every, fixed={"retrieval": w.fixed_retrieval, "ranking": w.fixed_ranking},
-            min_weight=w.min_weight, max_weight=w.max_weight)
+            min_weight=w.min_weight, max_weight=w.max_weight, log_gradients=w.gradient == "log")
         self.item_counts = torch.ones(model.vocab.n_rows)      # running target counts (+1 smoothing)
         self.steps = 0
         self.gen = torch.Generator().manual_seed(cfg.seed)

@@ -93,3 +93,8 @@ def test_unreadable_and_non_mapping_files_are_errors(tmp_path):
         load(tmp_path / "absent.yaml", Outer)
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load(write(tmp_path, "- a\n- b\n"), Outer)
+
+
+def test_a_value_outside_its_choices_is_rejected_naming_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.weighter: gradient: must be 'log' or 'raw', got 'lg'"):
+        load(write(tmp_path, "train:\n  weighter:\n    gradient: lg\n"), PipelineConfig)
