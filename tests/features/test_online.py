@@ -139,6 +139,37 @@ def test_batched_sqlite_store_writes_the_same_rows_as_feasts_store(tmp_path):
     assert dumps[0] == dumps[1] and sum(len(rows) for rows in dumps[0].values()) > 0
 
 
+def test_batched_store_drops_the_redundant_entity_key_index_and_reads_stay_indexed(tmp_path):
+    """A store Feast created (full `<table>_ek` index) opened by the batched store: the
+    index becomes an empty partial one, the rows still read back, by the primary key."""
+    import sqlite3
+
+    users, items = states()
+    feast_made = online.OnlineStore(cfg_for(tmp_path, sqlite_batched_writes=False))
+    feast_made.apply()
+    feast_made.push_users(users)
+    path = feast_made.repo_path / "online_store.db"
+
+    def ek_indexes():
+        with sqlite3.connect(path) as db:
+            return {name: sql for name, sql in db.execute(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND name LIKE '%_ek'")}
+
+    assert ek_indexes() and not any(sql.endswith("WHERE 0") for sql in ek_indexes().values())
+    for _ in range(2):                                 # a second apply changes nothing
+        store = online.OnlineStore(cfg_for(tmp_path))
+        store.apply()
+        assert ek_indexes() and all(sql.endswith("WHERE 0") for sql in ek_indexes().values())
+    assert store.read_users([s.user_id for s in users]) == {s.user_id: s.for_serving() for s in users}
+    store.push_items(items)
+    assert set(store.read_items([s.item_id for s in items])) == {s.item_id for s in items}
+    with sqlite3.connect(path) as db:
+        table = next(iter(ek_indexes()))[:-3]
+        plan = db.execute(f'EXPLAIN QUERY PLAN SELECT entity_key, feature_name, value, event_ts FROM "{table}" '
+                          "WHERE entity_key IN (?, ?) ORDER BY entity_key", (b"a", b"b")).fetchall()
+    assert "USING INDEX sqlite_autoindex" in plan[0][-1]
+
+
 @pytest.mark.integration
 def test_redis_encoded_writes_store_the_hashes_feasts_own_write_stores(tmp_path):
     import redis
