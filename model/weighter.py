@@ -40,6 +40,11 @@ choice was made on the validation split, test shown for the record):
   plain GradNorm, alpha 0.5            0.1056       0.8062       0.1009      0.8062
   fixed 1 / 1 (session 12)             0.1068       0.8012       0.1059      0.806
 
+At the bench's own 100 s budget (`--variants unified,unified_no_weighter --seeds 1,2,3,4`):
+validation NDCG@10 0.1098 vs 0.1058 with fixed 1 / 1 weights (higher on all 4 seeds), AUC
+0.795 vs 0.801; on test the order flips, 0.0989 vs 0.1037 (fixed minus adaptive +0.0048,
+se 0.0052: one standard error).
+
 So the default buys next-item NDCG@10 (+0.0087 on validation against plain GradNorm,
 higher on all 4 seeds) and pays ranking AUC (-0.0087, lower on all 4 seeds): the two
 tasks share one trunk, and the weights choose a point between them. `log_gradients:
