@@ -107,7 +107,7 @@ from unirec.model import positions
 from unirec.model.batching import FEEDBACK, ITEM, PAD, History, context_batch, query_tensor, query_vec_tensor
 from unirec.model.blocks import Block
 from unirec.model.config import ModelConfig
-from unirec.model.sparse import SparseMatmul, csr, lexical_index, piece_counts, piece_mean_matrix
+from unirec.model.sparse import SparseMatmul, lexical_cosines, lexical_index, piece_counts, piece_mean_matrix
 from unirec.model.vocab import Vocab, live_mask
 
 
@@ -365,14 +365,19 @@ class UnifiedRecommender(nn.Module):
         return self.query_channel_scores(batch["query"].reshape(B * T, -1)[flat],
                                          self.batch_query_sentences(batch, flat))
 
-    def repeat_scores(self, batch, flat: torch.Tensor) -> torch.Tensor:
-        """(R, N_rows) repeat logit on the items the state at flat positions `flat` (b * T + t)
-        has seen: the item tokens 0..t of its row (its context window)."""
+    @staticmethod
+    def _window_items(batch, flat: torch.Tensor) -> torch.Tensor:
+        """(R, T) the items the state at flat positions `flat` (b * T + t) has seen, the item
+        tokens 0..t of its row (its context window); 0 elsewhere."""
         B, T = batch["type"].shape
         b, t = flat // T, flat % T
-        visible = (torch.arange(T)[None, :] <= t[:, None]) & (batch["type"][b] == ITEM)   # (R, T)
+        visible = (torch.arange(T)[None, :] <= t[:, None]) & (batch["type"][b] == ITEM)
+        return batch["item"][b] * visible
+
+    def repeat_scores(self, batch, flat: torch.Tensor) -> torch.Tensor:
+        """(R, N_rows) repeat logit on the items of each state's context window (`_window_items`)."""
         w = self.repeat_logit / self.cfg.temperature       # in the units of <u, v> (learns as fast)
-        return w * seen_matrix(batch["item"][b] * visible, self.item_live.shape[0])
+        return w * seen_matrix(self._window_items(batch, flat), self.item_live.shape[0])
 
     @torch.no_grad()
     def add_repeat_scores_(self, scores: torch.Tensor, batch, flat: torch.Tensor) -> torch.Tensor:
@@ -381,27 +386,15 @@ class UnifiedRecommender(nn.Module):
         window holds, through an (R, T) gather/scatter instead of a dense (R, N_rows) seen
         matrix (~13x cheaper; the dense one cost as much as the scores themselves). Column 0
         (padding) is left alone."""
-        B, T = batch["type"].shape
-        b, t = flat // T, flat % T
-        visible = (torch.arange(T)[None, :] <= t[:, None]) & (batch["type"][b] == ITEM)   # (R, T)
-        idx = batch["item"][b] * visible                                                # 0 = not seen
+        idx = self._window_items(batch, flat)                                           # 0 = not seen
         w = self.repeat_logit / self.cfg.temperature
         old = scores.gather(1, idx)
         return scores.scatter_(1, idx, torch.where(idx > 0, old + w * 1.0, old))   # duplicates write one value
 
     def lexical_scores(self, pieces):                        # (N, Lq) query pieces -> (N, N_rows)
-        """lex_scale * cosine(idf-weighted query pieces, idf-weighted item pieces).
-
-        Only lex_scale learns, so the cosines are computed without a graph, as one
-        CSR x dense product with the query bags laid out (n_buckets, N): ~5x faster
-        than a COO product with a transposed operand, which cost a sixth of a step."""
-        with torch.no_grad():
-            p = pieces.T                                                        # (Lq, N)
-            w = self.piece_idf[p] * (p > 0)                                     # idf per piece occurrence
-            q = torch.zeros(self.cfg.n_buckets, p.shape[1]).scatter_add_(0, p, w)   # count * idf (n_buckets, N)
-            norm = (q.gather(0, p) * w).sum(0).sqrt().clamp(min=1e-12)         # sum_p (count_p idf_p)^2
-            cos = (csr(*self._lex_items) @ q).T / norm[:, None]                 # (N, N_rows)
-        return self.lex_scale * cos
+        """lex_scale * cosine(idf-weighted query pieces, idf-weighted item pieces); only
+        lex_scale learns (`sparse.lexical_cosines`: no graph)."""
+        return self.lex_scale * lexical_cosines(pieces, self.piece_idf, self._lex_items)
 
     def rank_logits(self, h):                                # (..., d) -> (...)
         return self.rank_head(self.rank_drop(h)).squeeze(-1)

@@ -68,6 +68,19 @@ def lexical_index(item_pieces: torch.Tensor, n_buckets: int, counts: tuple | Non
     return idf, csr_of(r, c, w / norm[r], (n, n_buckets))
 
 
+@torch.no_grad()
+def lexical_cosines(pieces: torch.Tensor, idf: torch.Tensor, items: tuple) -> torch.Tensor:
+    """(N, N_rows) cosine of each query's idf-weighted piece bag ((N, Lq) `pieces`, 0 =
+    padding) with each item's, `idf` and `items` (CSR parts) from `lexical_index`. One
+    CSR x dense product with the query bags laid out (n_buckets, N): ~5x faster than a
+    COO product with a transposed operand, which cost a sixth of a training step."""
+    p = pieces.T                                                            # (Lq, N)
+    w = idf[p] * (p > 0)                                                    # idf per piece occurrence
+    q = torch.zeros(items[3][1], p.shape[1]).scatter_add_(0, p, w)          # count * idf (n_buckets, N)
+    norm = (q.gather(0, p) * w).sum(0).sqrt().clamp(min=1e-12)             # sum_p (count_p idf_p)^2
+    return (csr(*items) @ q).T / norm[:, None]
+
+
 def piece_mean_matrix(pieces: torch.Tensor, n_buckets: int, counts: tuple | None = None) -> tuple[tuple, tuple]:
     """The sparse (N, n_buckets) matrix M with M[r, p] = count of piece p in row r / its
     number of pieces (M @ piece_table = mean piece vector of each row; 0 for a row
