@@ -1,6 +1,6 @@
 """Feast online-store throughput: push and read rows/s for users and items, SQLite and Redis.
 
-    .venv/bin/python bench/features_online.py [--rows 10000] [--seq-len 200] [--backends sqlite,sqlite_feast,redis]
+    .venv/bin/python bench/features_online.py [--rows 10000] [--seq-len 200] [--backends sqlite,sqlite_batched,sqlite_feast,redis]
                                               [--profile sqlite:direct:users]
 
 Builds `rows` synthetic user states (`seq-len` clicks and 20 queries each) and item
@@ -64,11 +64,12 @@ CPU: list[float] = []
 
 
 def run_backend(backend: str, root: Path, users, items, profile: str, paths: list[str]) -> dict:
-    """backend: sqlite (batched writes), sqlite_feast (Feast's own SQLite write) or redis."""
+    """backend: sqlite (packed rows), sqlite_batched (Feast's tables, batched writes), sqlite_feast
+    (Feast's own SQLite write) or redis."""
     server = redis_local.start(root / "redis") if backend == "redis" else None
     try:
         cfg = FeaturesConfig(repo_dir=str(root / backend), online_store="redis" if server else "sqlite",
-                             sqlite_batched_writes=backend == "sqlite",
+                             sqlite_store={"sqlite": "packed", "sqlite_batched": "batched"}.get(backend, "feast"),
                              redis_connection_string=server.connection_string if server else "127.0.0.1:6379")
         out = {}
         for path in paths:
@@ -100,7 +101,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=10_000)
     ap.add_argument("--seq-len", type=int, default=200)
-    ap.add_argument("--backends", default="sqlite,sqlite_feast,redis")
+    ap.add_argument("--backends", default="sqlite,sqlite_batched,sqlite_feast,redis")
     ap.add_argument("--profile", default="")
     ap.add_argument("--paths", default="batch,direct,push", help="write paths to time")
     args = ap.parse_args()

@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--in-process-below", type=int, default=None, help="override streaming.in_process_below")
     ap.add_argument("--kafka-commit-interval", type=float, default=None,
                     help="override streaming.kafka_commit_interval_s")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="override a numeric streaming setting, e.g. --set state_cache_users=0")
     ap.add_argument("--skip", choices=("ml100k", "generated", "latency", "latency-ml100k", "latency-generated"),
                     action="append", default=[])
     ap.add_argument("--profile", default=None, help="write a cProfile of the generated throughput run here")
@@ -254,6 +256,9 @@ def _main(args) -> int:
         scfg = dataclasses.replace(scfg, in_process_below=args.in_process_below)
     if args.kafka_commit_interval is not None:
         scfg = dataclasses.replace(scfg, kafka_commit_interval_s=args.kafka_commit_interval)
+    for item in args.set:
+        name, _, value = item.partition("=")
+        scfg = dataclasses.replace(scfg, **{name: type(getattr(scfg, name))(value)})
     runs, lats = [], []
     with tempfile.TemporaryDirectory(prefix="unirec-bench-") as tmp_s:
         tmp = Path(tmp_s)

@@ -33,7 +33,7 @@ import yaml
 from feast import Entity, FeatureView, Field, FileSource, PushSource, ValueType
 from feast.types import Array, Float32, Float64, Int64, String
 
-from unirec.features import item_stats
+from unirec.features import fast_stores, item_stats
 from unirec.features.config import FeaturesConfig
 
 USER_VIEW, ITEM_VIEW, EMBEDDING_VIEW = "user_sequence", "item_stats", "item_embedding"
@@ -94,8 +94,9 @@ def repo_config(cfg: FeaturesConfig) -> dict:
     """The content of feature_store.yaml for this config (absolute paths under repo_dir)."""
     root = Path(cfg.repo_dir).resolve()
     if cfg.online_store == "sqlite":
-        # fast_stores.FastSqliteOnlineStore: Feast's SQLite store with one executemany per batch
-        kind = "unirec.features.fast_stores.FastSqliteOnlineStore" if cfg.sqlite_batched_writes else "sqlite"
+        # features/fast_stores.py: one packed row per entity, or Feast's tables with batched writes
+        kind = {"packed": fast_stores.PACKED_SQLITE_TYPE, "batched": fast_stores.FAST_SQLITE_TYPE,
+                "feast": "sqlite"}[cfg.sqlite_store]
         online = {"type": kind, "path": str(root / "online_store.db")}
     else:
         # skip_dedup: the state store orders the writes and every push carries the absolute

@@ -19,7 +19,7 @@ so the stored bytes are the same; tests/features/test_online.py checks that):
   `python_values_to_proto_values` (type sniffing and sanitising of every list), which
   this path skips; bench/features_online.py has the numbers.
 
-On the batched SQLite store, `push_users` / `push_items` go one step further:
+On the SQLite stores of features/fast_stores.py, `push_users` / `push_items` go one step further:
 `user_encoded` / `item_encoded` write the Value bytes directly (features/proto_bytes.py,
 tested against protobuf) and hand them to `FastSqliteOnlineStore.write_encoded`, which
 stores exactly what `online_write_batch` stores for `user_rows` / `item_rows` (building
@@ -29,9 +29,10 @@ rows with Feast's own store byte for byte, and read them back through Feast).
 On Redis the same bytes go out through `fast_stores.RedisEncodedWriter`: one pipelined
 HSET per entity, as Feast's own `skip_dedup` write sends it.
 
-The store behind `online_write_batch` is Feast's Redis store, or for SQLite
-`fast_stores.FastSqliteOnlineStore` (`sqlite_batched_writes`, default): Feast's SQLite
-store with the per-(entity, feature) INSERT loop replaced by one executemany.
+The store behind `online_write_batch` is Feast's Redis store, or for SQLite (`sqlite_store`)
+`fast_stores.PackedSqliteOnlineStore` (default: one row per entity holding its Values),
+`fast_stores.FastSqliteOnlineStore` (Feast's tables, the per-(entity, feature) INSERT loop
+replaced by one executemany) or Feast's own store.
 
 Reads: `read_users`/`read_items` use `FeatureStore.get_online_features` in batches
 of `read_batch_rows` (or, with `fast=True`, the provider's `online_read`, which is

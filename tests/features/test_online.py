@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pytest
 
-from unirec.features import definitions, item_stats, online, redis_local
+from unirec.features import definitions, fast_stores, item_stats, online, redis_local
 from unirec.features.config import FeaturesConfig
 from unirec.features.sequence import merge
 
@@ -66,10 +66,10 @@ def test_repo_config_is_generated_without_committed_paths(tmp_path):
     assert "h:1,db=2" in text and "skip_dedup: true" in text and str(root) in text
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "sqlite_batched", "redis"])
 def store_cfg(request, tmp_path):
-    if request.param == "sqlite":
-        yield cfg_for(tmp_path)
+    if request.param.startswith("sqlite"):
+        yield cfg_for(tmp_path, sqlite_store="batched" if request.param == "sqlite_batched" else "packed")
         return
     server = redis_local.start(tmp_path / "redis")
     try:
@@ -124,7 +124,7 @@ def test_batched_sqlite_store_writes_the_same_rows_as_feasts_store(tmp_path):
     users, items = states()
     dumps = []
     for batched in (False, True):
-        cfg = cfg_for(tmp_path / str(batched), sqlite_batched_writes=batched)
+        cfg = cfg_for(tmp_path / str(batched), sqlite_store="batched" if batched else "feast")
         store = online.OnlineStore(cfg)
         store.apply()
         assert type(store.store._get_provider().online_store).__name__ == (
@@ -145,7 +145,7 @@ def test_batched_store_drops_the_redundant_entity_key_index_and_reads_stay_index
     import sqlite3
 
     users, items = states()
-    feast_made = online.OnlineStore(cfg_for(tmp_path, sqlite_batched_writes=False))
+    feast_made = online.OnlineStore(cfg_for(tmp_path, sqlite_store="feast"))
     feast_made.apply()
     feast_made.push_users(users)
     path = feast_made.repo_path / "online_store.db"
@@ -157,7 +157,7 @@ def test_batched_store_drops_the_redundant_entity_key_index_and_reads_stay_index
 
     assert ek_indexes() and not any(sql.endswith("WHERE 0") for sql in ek_indexes().values())
     for _ in range(2):                                 # a second apply changes nothing
-        store = online.OnlineStore(cfg_for(tmp_path))
+        store = online.OnlineStore(cfg_for(tmp_path, sqlite_store="batched"))
         store.apply()
         assert ek_indexes() and all(sql.endswith("WHERE 0") for sql in ek_indexes().values())
     assert store.read_users([s.user_id for s in users]) == {s.user_id: s.for_serving() for s in users}
@@ -168,6 +168,83 @@ def test_batched_store_drops_the_redundant_entity_key_index_and_reads_stay_index
         plan = db.execute(f'EXPLAIN QUERY PLAN SELECT entity_key, feature_name, value, event_ts FROM "{table}" '
                           "WHERE entity_key IN (?, ?) ORDER BY entity_key", (b"a", b"b")).fetchall()
     assert "USING INDEX sqlite_autoindex" in plan[0][-1]
+
+
+def _online_read_all(store, users, items, item_ids):
+    """What the provider's online_read returns for every view (missing keys included), as bytes."""
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    provider, config = store.store._get_provider(), store.store.config
+    out = {}
+    for view, key, ids in ((definitions.USER_VIEW, "user_id", [s.user_id for s in users] + ["nobody"]),
+                           (definitions.ITEM_VIEW, "item_id", [s.item_id for s in items] + ["nothing"]),
+                           (definitions.EMBEDDING_VIEW, "item_id", item_ids + ["nothing"])):
+        keys = [EntityKey(join_keys=[key], entity_values=[Value(string_val=i)]) for i in ids]
+        out[view] = [(ts, None if values is None else {n: v.SerializeToString() for n, v in values.items()})
+                     for ts, values in provider.online_read(config, store._view(view), keys)]
+    return out
+
+
+@pytest.mark.integration
+def test_packed_store_answers_feast_reads_exactly_as_feasts_own_sqlite_store(tmp_path):
+    """Same pushes (users, items, item embeddings; an update in place) into Feast's built-in
+    SQLite store and into the packed one: online_read gives the same timestamps and Value
+    bytes for every key, and get_online_features the same rows."""
+    users, items = states()
+    item_ids = [s.item_id for s in items]
+    reads, served = [], []
+    for kind in ("feast", "packed"):
+        store = online.OnlineStore(cfg_for(tmp_path / kind, sqlite_store=kind))
+        store.apply()
+        assert type(store.store._get_provider().online_store).__name__ == (
+            "PackedSqliteOnlineStore" if kind == "packed" else "SqliteOnlineStore")
+        store.push_users(users)
+        store.push_items(items)
+        store.push_item_embeddings(item_ids, [[k / 4, -k] for k in range(len(item_ids))], "v1", 1_000)
+        later = merge(users[0], users[0].user_id, [click("c9", users[0].user_id, "i7", 900)], max_len=5,
+                      allowed_lateness_s=100, max_queries=3).state
+        store.push_users([later])                     # an update in place, newer event time
+        reads.append(_online_read_all(store, [later, *users[1:]], items, item_ids))
+        served.append((store.read_users([s.user_id for s in users]), store.read_items(item_ids),
+                       store.read_item_embeddings(item_ids)))
+    assert reads[0] == reads[1]
+    assert served[0] == served[1] and served[1][0][users[0].user_id] == later.for_serving()
+    assert all(v is not None for rows in reads[1].values() for v in rows[:-1])   # every pushed key found
+
+
+def test_packed_store_keeps_one_row_per_entity_and_drops_a_deleted_views_table(tmp_path):
+    import sqlite3
+
+    users, items = states()
+    store = online.OnlineStore(cfg_for(tmp_path, sqlite_store="packed"))
+    store.apply()
+    store.push_users(users)
+    store.push_users(users)                            # a re-push after a crash: same rows
+    path = store.repo_path / "online_store.db"
+    with sqlite3.connect(path) as db:
+        table = f"{store.cfg.project}_{definitions.USER_VIEW}_packed"
+        first = db.execute(f'SELECT entity_key, packed FROM "{table}" ORDER BY entity_key').fetchall()
+    assert len(first) == len(users)
+    for _key, packed in first:
+        assert set(fast_stores.unpack_values(packed)) == {n for n, _ in definitions.USER_FEATURES}
+    feast_store = store.store._get_provider().online_store
+    feast_store.update(store.store.config, [store._view(definitions.USER_VIEW)], [], [], [], False)
+    with sqlite3.connect(path) as db:
+        names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert table not in names and f"{store.cfg.project}_{definitions.ITEM_VIEW}_packed" in names
+
+
+def test_packed_rows_refuse_an_unknown_format_or_a_truncated_row():
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    packed = fast_stores.pack_values([("n", Value(int64_val=7).SerializeToString(), None),
+                                      ("s", Value(string_val="ü").SerializeToString(), None)])
+    assert fast_stores.unpack_values(packed) == {"n": Value(int64_val=7), "s": Value(string_val="ü")}
+    with pytest.raises(ValueError, match="format"):
+        fast_stores.unpack_values(b"\x02" + packed[1:])
+    with pytest.raises(ValueError, match="truncated"):
+        fast_stores.unpack_values(packed[:-1])
 
 
 @pytest.mark.integration
