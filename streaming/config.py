@@ -107,6 +107,7 @@ class StreamingConfig:
     in_process_below: int = 0           # batches with fewer pending records run the same steps in-process, no Beam (0: never)
     push_mode: PushMode = "process"     # Feast pushes: in a child process (own core), a thread, or inline (no overlap)
     max_staged_keys: int = 300000       # committed keys waiting for a push in flight; beyond this the driver waits
+    push_nice: int = 5                  # the push process's niceness (0-19): under contention the driver goes first
     arrival_grace_ms: int = 250         # a producer's records reach the broker up to this late (linger + a round trip):
                                         # a batch reads records stamped up to the oldest partition tail, or at least
                                         # this long ago, so a query never misses the batch of the clicks sent after it
@@ -127,6 +128,8 @@ class StreamingConfig:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.arrival_grace_ms < 0:
             raise ValueError(f"arrival_grace_ms: must be >= 0, got {self.arrival_grace_ms}")
+        if not 0 <= self.push_nice <= 19:
+            raise ValueError(f"push_nice: must be within 0..19, got {self.push_nice}")
         if self.in_process_below < 0:
             raise ValueError(f"in_process_below: must be >= 0, got {self.in_process_below}")
         if self.kafka_commit_interval_s < 0:

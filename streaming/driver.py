@@ -231,7 +231,7 @@ class Driver:
         from unirec.streaming.pusher import PushProcess, ThreadPusher, tune_gc
 
         if self.cfg.push_mode == "process" and self._own_online:
-            self._pushes = PushProcess(self.features_cfg)
+            self._pushes = PushProcess(self.features_cfg, nice=self.cfg.push_nice)
         else:
             self._pushes = ThreadPusher(self.features_cfg.state_path, self.online,
                                         inline=self.cfg.push_mode == "inline")

@@ -107,3 +107,14 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"   # a zombie has exited
     except FileNotFoundError:
         return False
+
+
+def test_the_push_process_yields_the_cpu_to_the_driver_by_its_configured_niceness(cfg):
+    import os
+
+    proc = PushProcess(cfg, nice=7)
+    try:
+        proc.wait_ready()
+        assert os.getpriority(os.PRIO_PROCESS, proc._proc.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 7)
+    finally:
+        proc.close()

@@ -98,3 +98,12 @@ def test_unreadable_and_non_mapping_files_are_errors(tmp_path):
 def test_a_value_outside_its_choices_is_rejected_naming_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"train.weighter: gradient: must be 'log' or 'raw', got 'lg'"):
         load(write(tmp_path, "train:\n  weighter:\n    gradient: lg\n"), PipelineConfig)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("streaming:\n  push_nice: 20\n", r"streaming: push_nice: must be within 0..19, got 20"),
+    ("features:\n  sqlite_store: fast\n", r"features.sqlite_store: expected one of"),
+])
+def test_streaming_and_features_settings_outside_their_range_are_rejected(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load(write(tmp_path, text), PipelineConfig)
