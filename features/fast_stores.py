@@ -55,7 +55,9 @@ What it gives up: the table is not Feast's SQLite layout, so Feast's built-in
 `sqlite` type cannot read it (this class must be importable wherever the store is
 opened, as for any custom online store), and vector search is refused (use
 `sqlite_store: batched` or `feast`). `feast apply` from the CLI also creates
-Feast's own (empty, unused) tables beside the packed ones; they stay empty.
+Feast's own (empty, unused) tables beside the packed ones; they stay empty. A store
+switched to (or from) this layout starts empty: `unirec features repush` writes every
+state the state store holds.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`unirec features apply|show|status`: the Feast repo and the keyed state behind it."""
+"""`unirec features apply|show|status|repush`: the Feast repo and the keyed state behind it."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +19,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show.add_argument("--state", action="store_true", help="print the state-store value instead of the online one")
     show.set_defaults(func=_show)
     sub.add_parser("status", help="state store: rows, outbox, source offsets").set_defaults(func=_status)
+    sub.add_parser(
+        "repush", help="write every user and item state of the state store to the online store, e.g. after "
+        "switching features.online_store or features.sqlite_store (a new store starts empty); run it with "
+        "the pipeline stopped, or a state it pushes meanwhile may be overwritten by an older one",
+    ).set_defaults(func=_repush)
 
 
 def _config(args):
@@ -74,4 +79,25 @@ def _status(args: argparse.Namespace) -> int:
         counts = st.counts()
         offsets = {f"{t}/{p}": o for (t, p), o in sorted(st.offsets().items())}
     print(json.dumps({"state_path": cfg.state_path, **counts, "offsets": offsets}))
+    return 0
+
+
+def _repush(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if cfg is None:
+        return 2
+    from itertools import islice
+
+    from unirec.features.online import OnlineStore
+    from unirec.features.state import StateStore
+
+    store = OnlineStore(cfg)
+    store.apply()
+    counts = {"users": 0, "items": 0}
+    with StateStore(cfg.state_path) as st:
+        for kind, states, push in (("users", st.all_users(), store.push_users),
+                                   ("items", st.all_items(), store.push_items)):
+            while chunk := list(islice(states, cfg.push_batch_rows)):
+                counts[kind] += push(chunk)
+    print(json.dumps({"online_store": cfg.online_store, **counts}))
     return 0
