@@ -170,15 +170,7 @@ class FastSqliteOnlineStore(SqliteOnlineStore):
             created_ts = adapt_datetime_epoch(to_naive_utc(created_ts)) if created_ts is not None else None
             for feature_name, value, text in values:
                 rows.append((key, feature_name, value, text, timestamp, created_ts))
-        conn = self._get_conn(config)
-        full = len(rows) - len(rows) % _ROWS_PER_INSERT
-        with conn:
-            if full:
-                conn.executemany(_upsert(name, _ROWS_PER_INSERT),
-                                 [[x for r in rows[i:i + _ROWS_PER_INSERT] for x in r]
-                                  for i in range(0, full, _ROWS_PER_INSERT)])
-            if full < len(rows):
-                conn.executemany(_upsert(name, 1), rows[full:])
+        _write_rows(self._get_conn(config), rows, _ROWS_PER_INSERT, functools.partial(_upsert, name))
 
 
 _PACKED_FORMAT = b"\x01"
@@ -265,16 +257,8 @@ class PackedSqliteOnlineStore(FastSqliteOnlineStore):
         for key, values, timestamp, created_ts in sorted(data, key=lambda d: d[0]):
             rows.append((key, pack_values(values), adapt_datetime_epoch(to_naive_utc(timestamp)),
                          adapt_datetime_epoch(to_naive_utc(created_ts)) if created_ts is not None else None))
-        name = _quote_id(self._table(config, table))
-        conn = self._get_conn(config)
-        full = len(rows) - len(rows) % _PACKED_ROWS_PER_INSERT
-        with conn:
-            if full:
-                conn.executemany(_packed_upsert(name, _PACKED_ROWS_PER_INSERT),
-                                 [[x for r in rows[i:i + _PACKED_ROWS_PER_INSERT] for x in r]
-                                  for i in range(0, full, _PACKED_ROWS_PER_INSERT)])
-            if full < len(rows):
-                conn.executemany(_packed_upsert(name, 1), rows[full:])
+        _write_rows(self._get_conn(config), rows, _PACKED_ROWS_PER_INSERT,
+                    functools.partial(_packed_upsert, _quote_id(self._table(config, table))))
 
     def online_read(self, config, table, entity_keys, requested_features=None):
         """What Feast's SQLite `online_read` returns for the same writes: per key, (event
@@ -306,6 +290,18 @@ def _packed_upsert(table: str, n_rows: int) -> str:
     return (f"INSERT INTO {table} (entity_key, packed, event_ts, created_ts) VALUES {values} "
             "ON CONFLICT(entity_key) DO UPDATE SET packed = excluded.packed, event_ts = excluded.event_ts, "
             "created_ts = excluded.created_ts;")
+
+
+def _write_rows(conn, rows: list[tuple], per_statement: int, statement) -> None:
+    """`rows` in one transaction: multi-row statements (`statement(n)` takes n rows) of
+    `per_statement` rows each, then the remainder one row at a time."""
+    full = len(rows) - len(rows) % per_statement
+    with conn:
+        if full:
+            conn.executemany(statement(per_statement), [[x for r in rows[i:i + per_statement] for x in r]
+                                                        for i in range(0, full, per_statement)])
+        if full < len(rows):
+            conn.executemany(statement(1), rows[full:])
 
 
 def _upsert(table: str, n_rows: int) -> str:

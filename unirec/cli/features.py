@@ -34,14 +34,20 @@ def _config(args):
         return None
 
 
-def _apply(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    if cfg is None:
-        return 2
+def _applied_store(cfg):
+    """The configured online store, its views registered (idempotent)."""
     from unirec.features.online import OnlineStore
 
     store = OnlineStore(cfg)
     store.apply()
+    return store
+
+
+def _apply(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if cfg is None:
+        return 2
+    store = _applied_store(cfg)
     print(f"applied user_sequence and item_stats ({cfg.online_store} online store) in {store.repo_path}")
     return 0
 
@@ -88,11 +94,9 @@ def _repush(args: argparse.Namespace) -> int:
         return 2
     from itertools import islice
 
-    from unirec.features.online import OnlineStore
     from unirec.features.state import StateStore
 
-    store = OnlineStore(cfg)
-    store.apply()
+    store = _applied_store(cfg)
     counts = {"users": 0, "items": 0}
     with StateStore(cfg.state_path) as st:
         for kind, states, push in (("users", st.all_users(), store.push_users),
