@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/ingest.py                       # ML-100k + 1M generated events over 100k users
     .venv/bin/python bench/ingest.py --events 200000 --users 20000 --latency-seconds 10
+    .venv/bin/python bench/ingest.py --skip ml100k --skip latency --set push_nice=0   # an A/B of one setting
 
 Starts an embedded broker (noida-db, free port, temp dir) and a fresh SQLite Feast
 store per stage (`--online-store redis`: a Redis one, on a redis-server of its own),
