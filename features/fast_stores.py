@@ -241,14 +241,9 @@ class PackedSqliteOnlineStore(FastSqliteOnlineStore):
                 conn.execute(f"DROP TABLE IF EXISTS {_quote_id(self._table(config, table))}")
 
     def online_write_batch(self, config, table, data, progress) -> None:
+        """The batched store's: Values serialized, then `write_encoded` (this class's)."""
         self._refuse_unsupported(config)
-        version = config.entity_key_serialization_version
-        self.write_encoded(config, table, [
-            (serialize_entity_key(key, entity_key_serialization_version=version),
-             [(n, v.SerializeToString(), None) for n, v in values.items()], ts, created)
-            for key, values, ts, created in data])
-        if progress:
-            progress(len(data))
+        super().online_write_batch(config, table, data, progress)
 
     def write_encoded(self, config, table, data) -> None:
         """Upsert (serialized entity key, [(feature, Value bytes, _)], event_ts, created_ts)
