@@ -35,10 +35,16 @@ the offset after the last of them. Design choices:
 * **Record batches are decoded by `kafka_records`** (`new_reader` installs it on
   every reader): the same `ConsumerRecord`s as kafka-python's own decode, with
   about a third less CPU per record (see streaming/kafka_records.py).
-* **Clients are pooled per process.** Opening a consumer costs a connection and
-  a metadata round trip; with one Beam run per micro-batch, the DoFn's
-  `setup()` takes an idle consumer from `POOL` and `teardown()` returns it, so a
-  long-lived worker process reuses its connections across batches.
+* **One reader per partition keeps its place (read-ahead).** A `PartitionReader`
+  is a consumer that stays assigned to one partition; the reading DoFn takes it
+  from the process's `POOL` for one range and returns it. When the next batch's
+  range starts where the last one ended (the normal case), it continues without a
+  seek: what kafka-python buffered past the last cut, the fetch it pipelined when
+  its buffer ran dry (answered while the driver merged and committed), and the
+  record that showed the cut are used, not fetched again. Re-assigning one shared
+  consumer per range, as before, dropped all of that: each range waited for a
+  fresh fetch, and the broker sent up to `max_partition_fetch_bytes` of which a
+  batch used a fraction.
 
 Records are plain tuples `(topic, partition, offset, timestamp_ms, key, value)`
 so that Beam's coders handle them without pickling.
@@ -47,8 +53,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 from kafka import KafkaConsumer, TopicPartition
 
@@ -109,37 +115,86 @@ def new_reader(config: dict) -> KafkaConsumer:
 
 def read_range(consumer: KafkaConsumer, rng: ReadRange, *,
                clock: Callable[[], float] = time.monotonic) -> RangeRead:
-    """Read `rng` with `consumer` (assigned here); see the module docstring for the bounds."""
+    """Read `rng` with `consumer` (assigned and seeked here); see the module docstring
+    for the bounds. One-shot: what the consumer fetched past the range is dropped by
+    the next assign or seek (a `PartitionReader` keeps it)."""
     tp = TopicPartition(rng.topic, rng.partition)
     consumer.assign([tp])
     consumer.seek(tp, rng.start)
+    return _read(consumer, tp, rng, [], clock)[0]
+
+
+class PartitionReader:
+    """A consumer that stays assigned to one partition and keeps its place between reads.
+
+    When a read starts at the offset the previous one handed on, nothing is fetched
+    again: the records kafka-python still buffers, the fetch it pipelined when its
+    buffer ran dry (in flight while the batch is merged), and the records this reader
+    took past the previous range's end (the one that showed the time cut or did not
+    fit `max_bytes`) all continue the stream. Any other start (a retried batch, a
+    restart, a rewind) seeks and drops them. A read that fails leaves no place to
+    continue from, so the next one seeks."""
+
+    def __init__(self, consumer: KafkaConsumer, topic: str, partition: int):
+        self.consumer = consumer
+        self.tp = TopicPartition(topic, partition)
+        consumer.assign([self.tp])
+        self._resume: int | None = None   # offset a read may start at without a seek
+        self._held: list = []              # records taken from the consumer, not yet handed on
+        self.seeks = 0
+
+    def read(self, rng: ReadRange, *, clock: Callable[[], float] = time.monotonic) -> RangeRead:
+        if (rng.topic, rng.partition) != (self.tp.topic, self.tp.partition):
+            raise ValueError(f"reader of {self.tp} asked to read {rng.topic}[{rng.partition}]")
+        if rng.start != self._resume:
+            self._held = []
+            self.consumer.seek(self.tp, rng.start)
+            self.seeks += 1
+        self._resume = None
+        res, self._held = _read(self.consumer, self.tp, rng, self._held, clock)
+        self._resume = res.next_offset
+        return res
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def _read(consumer: KafkaConsumer, tp: TopicPartition, rng: ReadRange, held: list,
+          clock: Callable[[], float]) -> tuple[RangeRead, list]:
+    """The bounded read loop: (what was read, records taken from the consumer past it).
+    `held` records (the previous read's leftovers, in offset order) come before the
+    consumer's; the consumer's position is right after them."""
     records: list = []
     nbytes, next_offset = 0, rng.start
     deadline = clock() + rng.max_wait_s
     while True:
         remaining = rng.max_records - len(records)
         if remaining <= 0:
-            return RangeRead(records, next_offset, "max_records")
-        left_ms = (deadline - clock()) * 1000.0
-        if left_ms <= 0:
-            return RangeRead(records, next_offset, "max_wait")
-        # Take only what the plan expects (+1 to see the cut), then small steps: every
-        # record taken past the cut is decoded by kafka-python for nothing.
-        want = rng.end_hint - next_offset + 1 if next_offset < rng.end_hint else _TAIL_STEP
-        polled = consumer.poll(timeout_ms=max(1, int(min(rng.idle_poll_ms, left_ms))),
-                               max_records=max(1, min(remaining, want)))
-        batch = polled.get(tp, ())
-        if not batch:
-            if next_offset < rng.end_hint:
-                continue  # records are known to exist: a slow first fetch is not "caught up"
-            return RangeRead(records, next_offset, "idle")
-        for r in batch:
+            return RangeRead(records, next_offset, "max_records"), held
+        if held:
+            batch, held = held[:remaining], held[remaining:]
+        else:
+            left_ms = (deadline - clock()) * 1000.0
+            if left_ms <= 0:
+                return RangeRead(records, next_offset, "max_wait"), held
+            # Take only what the plan expects (+1 to see the cut), then small steps: every
+            # record taken past the cut is decoded by kafka-python before its batch needs it.
+            want = rng.end_hint - next_offset + 1 if next_offset < rng.end_hint else _TAIL_STEP
+            polled = consumer.poll(timeout_ms=max(1, int(min(rng.idle_poll_ms, left_ms))),
+                                   max_records=max(1, min(remaining, want)))
+            batch = polled.get(tp, ())
+            if not batch:
+                if next_offset < rng.end_hint:
+                    continue  # records are known to exist: a slow first fetch is not "caught up"
+                return RangeRead(records, next_offset, "idle"), held
+        for i, r in enumerate(batch):
             if 0 <= rng.until_ms < r.timestamp:
-                return RangeRead(records, next_offset, "time_cut")  # it belongs to a later batch
+                # It belongs to a later batch: held, with the rest, for the next read.
+                return RangeRead(records, next_offset, "time_cut"), list(batch[i:]) + held
             size = len(r.value or b"") + len(r.key or b"")
             if records and nbytes + size > rng.max_bytes:
                 # Stop before this record: it is the first one of the next batch.
-                return RangeRead(records, next_offset, "max_bytes")
+                return RangeRead(records, next_offset, "max_bytes"), list(batch[i:]) + held
             records.append((r.topic, r.partition, r.offset, r.timestamp, r.key, r.value))
             nbytes += size
             next_offset = r.offset + 1
@@ -173,47 +228,62 @@ def tail_timestamps(consumer: KafkaConsumer, ends: dict[tuple[str, int], int], *
     return out
 
 
-class ConsumerPool:
-    """Idle reader consumers per client configuration, shared by one process."""
+class ReaderPool:
+    """Idle `PartitionReader`s per (client configuration, topic, partition), shared by one
+    process: one consumer (a connection and a network thread) per partition the process
+    reads, as Beam's Java KafkaIO keeps one consumer per partition split."""
 
     def __init__(self) -> None:
-        self._idle: dict[str, list[KafkaConsumer]] = {}
+        self._idle: dict[str, dict[tuple[str, int], PartitionReader]] = {}
         self._lock = threading.Lock()
 
     @staticmethod
     def _key(config: dict) -> str:
         return repr(sorted(config.items()))
 
-    def acquire(self, config: dict) -> KafkaConsumer:
+    def acquire(self, config: dict, topic: str, partition: int) -> PartitionReader:
         with self._lock:
-            idle = self._idle.get(self._key(config))
-            if idle:
-                return idle.pop()
-        return new_reader(config)
+            reader = self._idle.get(self._key(config), {}).pop((topic, partition), None)
+        return reader if reader is not None else PartitionReader(new_reader(config), topic, partition)
 
-    def release(self, config: dict, consumer: KafkaConsumer) -> None:
+    def release(self, config: dict, reader: PartitionReader) -> None:
+        slot = (reader.tp.topic, reader.tp.partition)
         with self._lock:
-            self._idle.setdefault(self._key(config), []).append(consumer)
+            idle = self._idle.setdefault(self._key(config), {})
+            if slot not in idle:
+                idle[slot] = reader
+                return
+        reader.close()   # two reads of one partition ran at once: one reader is kept
 
     def idle_count(self, config: dict) -> int:
         with self._lock:
             return len(self._idle.get(self._key(config), ()))
 
     def close_idle(self, config: dict) -> int:
-        """Close the idle consumers of one configuration (a driver closing: nothing will
+        """Close the idle readers of one configuration (a driver closing: nothing will
         take them again, and each holds a connection and a network thread); returns how many."""
         with self._lock:
-            idle = self._idle.pop(self._key(config), [])
-        for c in idle:
-            c.close()
+            idle = self._idle.pop(self._key(config), {})
+        for r in idle.values():
+            r.close()
         return len(idle)
 
     def close_all(self) -> None:
         with self._lock:
             pools, self._idle = self._idle, {}
-        for consumers in pools.values():
-            for c in consumers:
-                c.close()
+        for idle in pools.values():
+            for r in idle.values():
+                r.close()
 
 
-POOL = ConsumerPool()
+POOL = ReaderPool()
+
+
+def read_pooled(config: Mapping[str, Any], rng: ReadRange) -> RangeRead:
+    """Read `rng` with this process's pooled reader of its partition (see `PartitionReader`)."""
+    config = dict(config)
+    reader = POOL.acquire(config, rng.topic, rng.partition)
+    try:
+        return reader.read(rng)
+    finally:
+        POOL.release(config, reader)

@@ -24,7 +24,7 @@ Design choices (numbers measured on the 2-core dev machine):
   different workers; the in-process runner would just pay for it.
 
 `run_in_process(ranges, spec, store)` runs the very same step functions
-(`read_range` -> `parse_records` -> `update_users` -> `update_items`) without Beam,
+(`read_pooled` -> `parse_records` -> `update_users` -> `update_items`) without Beam,
 for batches too small to amortise a Beam run (`streaming.in_process_below`, off by
 default). Tests check that both give the same outputs on the same input, and
 that a DaskRunner run does too.
@@ -46,7 +46,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from unirec.features.state import decode_user, encode_user
 from unirec.streaming.beam_tuning import tune
-from unirec.streaming.kafka_source import POOL, ReadRange, read_range
+from unirec.streaming.kafka_source import ReadRange, read_pooled
 from unirec.streaming.transforms import (
     BatchSpec, MicroBatch, group_by_key_group, parse_records, progress_of, update_items, update_users,
 )
@@ -246,15 +246,11 @@ def run_in_process(ranges: list[ReadRange], spec: BatchSpec, store) -> BatchOutp
     """The same steps as `run_beam`, called directly (store: a StateStore to read states from)."""
     t0 = time.perf_counter()
     out = BatchOutputs(path="in_process")
-    consumer = POOL.acquire(dict(spec.reader))
-    try:
-        records = []
-        for rng in ranges:
-            res = read_range(consumer, rng)
-            records.extend(res.records)
-            out.progress.append(progress_of(rng, res))
-    finally:
-        POOL.release(dict(spec.reader), consumer)
+    records = []
+    for rng in ranges:
+        res = read_pooled(spec.reader, rng)
+        records.extend(res.records)
+        out.progress.append(progress_of(rng, res))
     parsed, out.dead_letters = parse_records(records, spec.kinds, now_s=time.time(), limits=spec.limits)
     clicks = []
     for group in group_by_key_group(parsed, lambda p: p.event.user_id, spec.key_groups).values():

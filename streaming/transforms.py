@@ -58,7 +58,7 @@ from unirec.features.state import encode_user
 from unirec.streaming.config import EventLimits
 from unirec.streaming.deadletter import DeadLetter
 from unirec.streaming.events import ClickEvent, DecodeError, QueryEvent, decode
-from unirec.streaming.kafka_source import POOL, ReadRange, read_range
+from unirec.streaming.kafka_source import ReadRange, read_pooled
 
 DEAD_LETTER = "dead_letter"
 PROGRESS = "progress"
@@ -310,20 +310,12 @@ class _ReadRangeFn(beam.DoFn):
         self.reader, self.chunk_records = dict(reader), chunk_records
         self.read_counter = Metrics.counter(NAMESPACE, "records_read")
 
-    def setup(self):
-        self.consumer = POOL.acquire(self.reader)
-
     def process(self, rng: ReadRange):
-        res = read_range(self.consumer, rng)
+        res = read_pooled(self.reader, rng)
         self.read_counter.inc(len(res.records))
         for i in range(0, len(res.records), self.chunk_records):
             yield emit(MAIN, res.records[i:i + self.chunk_records])
         yield emit(PROGRESS, progress_of(rng, res))
-
-    def teardown(self):
-        consumer, self.consumer = getattr(self, "consumer", None), None
-        if consumer is not None:
-            POOL.release(self.reader, consumer)
 
 
 class ReadKafkaRanges(beam.PTransform):

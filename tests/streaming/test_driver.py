@@ -14,7 +14,8 @@ from unirec.features.state import StateStore
 from unirec.streaming.broker import client_kwargs
 from unirec.streaming.config import StreamingConfig
 from unirec.streaming.driver import Driver
-from unirec.streaming.kafka_source import POOL, ReadRange, read_range, reader_config, tail_timestamps
+from unirec.streaming.kafka_source import (POOL, PartitionReader, ReadRange, new_reader, read_pooled, read_range,
+                                          reader_config, tail_timestamps)
 from unirec.streaming.microbatch import run_beam, run_in_process
 from unirec.streaming.replay import replay
 from unirec.streaming.synthetic import compare, expected, source_stream
@@ -175,7 +176,11 @@ def test_beam_and_in_process_runs_give_the_same_outputs(kafka_cfg, features_cfg,
     assert sorted(beam_out.items, key=lambda s: s.item_id) == sorted(local_out.items, key=lambda s: s.item_id)
 
 
-def test_read_range_stops_at_each_bound_and_resumes_without_gap(own_kafka_cfg):
+@pytest.mark.parametrize("mode", ["one_shot", "partition_reader"])
+def test_read_range_stops_at_each_bound_and_resumes_without_gap(own_kafka_cfg, mode):
+    """The same reads give the same records whether each one assigns and seeks afresh
+    (`read_range`) or one `PartitionReader` continues from where the last stopped,
+    holding the record that showed a bound for the next read."""
     kafka_cfg = own_kafka_cfg   # its reads are timed (10 s at most): not on the shared broker (conftest)
     producer = KafkaProducer(**client_kwargs(kafka_cfg))
     topic = kafka_cfg.topics.clicks
@@ -183,27 +188,64 @@ def test_read_range_stops_at_each_bound_and_resumes_without_gap(own_kafka_cfg):
         producer.send(topic, key=b"k", value=b"x" * 10, partition=0, timestamp_ms=1_000_000 + i)
     producer.flush()
     producer.close()
-    config = reader_config(client_kwargs(kafka_cfg), 50)
-    consumer = POOL.acquire(config)
+    consumer = new_reader(reader_config(client_kwargs(kafka_cfg), 50))
+    reader = PartitionReader(consumer, topic, 0)
+    read = (lambda rng: read_range(consumer, rng)) if mode == "one_shot" else reader.read
     try:
         base = ReadRange(topic, 0, 0, 12, 1 << 20, 10.0, 50, 30)
-        first = read_range(consumer, base)
+        first = read(base)
         assert (len(first.records), first.next_offset, first.stop) == (12, 12, "max_records")
-        by_bytes = read_range(consumer, base._replace(start=12, max_records=100, max_bytes=5 * 11))
+        by_bytes = read(base._replace(start=12, max_records=100, max_bytes=5 * 11))
         assert (by_bytes.next_offset, by_bytes.stop) == (17, "max_bytes")
-        cut = read_range(consumer, base._replace(start=17, max_records=100, until_ms=1_000_000 + 24))
+        cut = read(base._replace(start=17, max_records=100, until_ms=1_000_000 + 24))
         assert (cut.next_offset, cut.stop) == (25, "time_cut")
-        rest = read_range(consumer, base._replace(start=25, max_records=100))
+        rest = read(base._replace(start=25, max_records=100))
         assert (rest.next_offset, rest.stop) == (30, "idle")
         offsets = [r[2] for part in (first, by_bytes, cut, rest) for r in part.records]
         assert offsets == list(range(30))
         # an over-reported end offset costs at most max_wait_s, never a record
         t0 = time.monotonic()
-        empty = read_range(consumer, base._replace(start=30, end_hint=40, max_wait_s=0.5))
+        empty = read(base._replace(start=30, end_hint=40, max_wait_s=0.5))
         assert (empty.records, empty.next_offset, empty.stop) == ([], 30, "max_wait")
         assert time.monotonic() - t0 < 5
+        if mode == "partition_reader":
+            assert reader.seeks == 1       # every read after the first continued where the last stopped
+            # a read elsewhere (a retried batch, a restart) seeks and drops what was held
+            again = reader.read(base._replace(start=20, max_records=3, until_ms=1_000_000 + 21))
+            assert ([r[2] for r in again.records], again.stop, reader.seeks) == ([20, 21], "time_cut", 2)
+            back = reader.read(base._replace(start=5, max_records=4))
+            assert ([r[2] for r in back.records], reader.seeks) == ([5, 6, 7, 8], 3)
+            assert [r[2] for r in reader.read(base._replace(start=9, max_records=2)).records] == [9, 10]
+            assert reader.seeks == 3
     finally:
-        POOL.release(config, consumer)
+        consumer.close()
+
+
+def test_pooled_readers_are_one_per_partition_and_kept_between_reads(own_kafka_cfg):
+    kafka_cfg = own_kafka_cfg
+    producer = KafkaProducer(**client_kwargs(kafka_cfg))
+    topic = kafka_cfg.topics.clicks
+    for i in range(20):
+        producer.send(topic, value=b"%d" % i, partition=i % 2, timestamp_ms=1_000_000 + i)
+    producer.flush()
+    producer.close()
+    config = reader_config(client_kwargs(kafka_cfg), 50)
+    try:
+        got: dict[int, list[int]] = {0: [], 1: []}
+        for start in (0, 4):
+            for p in (0, 1):
+                res = read_pooled(config, ReadRange(topic, p, start, 4, 1 << 20, 10.0, 50, 10))
+                got[p] += [r[2] for r in res.records]
+        assert got == {0: list(range(8)), 1: list(range(8))}
+        assert POOL.idle_count(config) == 2
+        # the second round continued each partition's reader: no seek beyond the first
+        kept = [POOL.acquire(config, topic, p) for p in (0, 1)]
+        assert [r.seeks for r in kept] == [1, 1]
+        for r in kept:
+            POOL.release(config, r)
+    finally:
+        assert POOL.close_idle(config) == 2
+    assert POOL.idle_count(config) == 0
 
 
 def test_batches_stay_within_budget_and_cover_the_same_arrival_time(kafka_cfg, features_cfg, streaming_cfg):
