@@ -52,7 +52,7 @@ def step(st: StateStore, evs: list, cfg: FeaturesConfig, offset: int, times: dic
     t3 = time.perf_counter()
     b = st.commit_batch([r.state for r in res], items.values(), {("clicks", 0): offset})
     t4 = time.perf_counter()
-    st.mark_pushed(by_user, items, batch=b)
+    st.mark_pushed(batch=b)
     t5 = time.perf_counter()
     for k, v in (("load_users", t1 - t), ("merge", t2 - t1), ("item_stats", t3 - t2), ("commit", t4 - t3),
                  ("mark_pushed", t5 - t4)):

@@ -9,7 +9,8 @@ returns):
   decoded with orjson, 3-6x faster than the stdlib for these rows and the same text, so
   stores written before read back unchanged: no migration),
 * the next offset to read for every (topic, partition) the batch covers,
-* an outbox row for every user/item key whose state must still reach Feast.
+* one outbox row for the batch: the keys of every user and item it wrote, whose
+  states must still reach Feast.
 
 Then it pushes those absolute states to the online store (pushing twice writes
 the same value), calls `mark_pushed`, and only then commits the offsets to Kafka.
@@ -29,9 +30,14 @@ published version covers.
 
 Offsets never move backwards: a commit with a smaller offset than the stored one
 keeps the stored one, so a confused caller cannot make the store re-apply events.
-The outbox rows carry the id of the batch that last wrote them, and `mark_pushed`
-only clears rows written by that batch or earlier, so a push that overlaps the next
-commit cannot clear a newer, unpushed state. One writer (the driver) at a time.
+The outbox has one row per batch (its id, the user keys and the item keys it wrote,
+as JSON arrays), not one per key: a row per key cost a second B-tree upsert for every
+state written, 43% of a commit's time (31k users: 0.164 -> 0.092 s), and a delete per
+key once pushed. `pending_push` reads the current states of the keys of every row;
+`mark_pushed(batch=M)` deletes the rows of batches <= M, so a push that overlaps the
+next commit cannot clear a newer, unpushed state: the newer batch's row stays, and its
+keys are pushed again. A store written with the former per-key outbox is converted
+on open. One writer (the driver) at a time.
 """
 from __future__ import annotations
 
@@ -52,18 +58,20 @@ CREATE TABLE IF NOT EXISTS users (user_id TEXT PRIMARY KEY, state TEXT NOT NULL)
 CREATE TABLE IF NOT EXISTS items (item_id TEXT PRIMARY KEY, state TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS offsets (topic TEXT NOT NULL, partition INTEGER NOT NULL,
     next_offset INTEGER NOT NULL, PRIMARY KEY (topic, partition)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS outbox (kind TEXT NOT NULL, key TEXT NOT NULL, batch INTEGER NOT NULL,
-    PRIMARY KEY (kind, key)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS push_outbox (batch INTEGER PRIMARY KEY, users TEXT NOT NULL, items TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS train_log (batch INTEGER PRIMARY KEY, examples TEXT NOT NULL);
 """
 # States are rowid tables (rows of a few KB are a poor fit for WITHOUT ROWID) updated in
 # place by an upsert, which measured ~2x faster than INSERT OR REPLACE (delete + insert).
 _UPSERT = "INSERT INTO {table} VALUES (?, ?) ON CONFLICT({key}) DO UPDATE SET state = excluded.state"
-_OUTBOX = "INSERT INTO outbox VALUES (?, ?, ?) ON CONFLICT(kind, key) DO UPDATE SET batch = excluded.batch"
 _CHUNK = 500  # ids per `IN (...)` query
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode   # training examples
 _loads = orjson.loads
+
+
+def _keys(keys: list[str]) -> str:
+    return orjson.dumps(keys).decode()
 
 
 def encode_user(s: UserSequence) -> tuple[str, str]:
@@ -100,6 +108,24 @@ class StateStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        if self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outbox'").fetchone():
+            self._convert_outbox()
+
+    def _convert_outbox(self) -> None:
+        """The former outbox (one row per key: kind, key, batch) -> one row per batch."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            per_batch: dict[int, tuple[list, list]] = {}
+            for kind, key, b in db.execute("SELECT kind, key, batch FROM outbox ORDER BY batch"):
+                per_batch.setdefault(b, ([], []))[kind == "item"].append(key)
+            db.executemany("INSERT INTO push_outbox VALUES (?, ?, ?)",
+                           [(b, _keys(u), _keys(i)) for b, (u, i) in per_batch.items()])
+            db.execute("DROP TABLE outbox")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self._db.close()
@@ -149,8 +175,9 @@ class StateStore:
                 "INSERT INTO offsets VALUES (?, ?, ?) ON CONFLICT(topic, partition) "
                 "DO UPDATE SET next_offset = max(next_offset, excluded.next_offset)",
                 [(t, p, o) for (t, p), o in offsets.items()])
-            db.executemany(_OUTBOX, [("user", u, batch) for u, _ in user_rows])
-            db.executemany(_OUTBOX, [("item", i, batch) for i, _ in item_rows])
+            if user_rows or item_rows:
+                db.execute("INSERT INTO push_outbox VALUES (?, ?, ?)",
+                           (batch, _keys([u for u, _ in user_rows]), _keys([i for i, _ in item_rows])))
             if examples:
                 db.execute("INSERT INTO train_log VALUES (?, ?)", (batch, _dumps(examples)))
             db.execute("COMMIT")
@@ -165,24 +192,20 @@ class StateStore:
 
     def pending_push(self) -> PendingPush:
         """The current states of every key in the outbox (to push again after a crash)."""
-        rows = self._db.execute("SELECT kind, key, batch FROM outbox").fetchall()
+        rows = self._outbox()
         if not rows:
             return PendingPush(0)
-        users = self.get_users(k for kind, k, _ in rows if kind == "user")
-        items = self.get_items(k for kind, k, _ in rows if kind == "item")
-        return PendingPush(max(b for _, _, b in rows), list(users.values()), list(items.values()))
+        users = self.get_users(u for _, us, _ in rows for u in us)
+        items = self.get_items(i for _, _, its in rows for i in its)
+        return PendingPush(max(b for b, _, _ in rows), list(users.values()), list(items.values()))
 
-    def mark_pushed(self, user_ids: Iterable[str], item_ids: Iterable[str], *, batch: int) -> None:
-        """Clear outbox rows of these keys that were written by `batch` or earlier."""
-        rows = [("user", u, batch) for u in user_ids] + [("item", i, batch) for i in item_ids]
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.executemany("DELETE FROM outbox WHERE kind = ? AND key = ? AND batch <= ?", rows)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+    def _outbox(self) -> list[tuple[int, list[str], list[str]]]:
+        return [(b, _loads(u), _loads(i)) for b, u, i in self._db.execute("SELECT batch, users, items FROM push_outbox")]
+
+    def mark_pushed(self, *, batch: int) -> None:
+        """Clear the outbox rows of batches <= `batch`: the caller pushed the current
+        states of their keys (`pending_push` read at least up to `batch`)."""
+        self._db.execute("DELETE FROM push_outbox WHERE batch <= ?", (batch,))
 
     def train_log_after(self, batch: int) -> Iterable[tuple[int, list]]:
         """(batch id, examples) of every logged batch after `batch`, oldest first."""
@@ -200,9 +223,12 @@ class StateStore:
         return row[0] if row else 0
 
     def counts(self) -> dict[str, int]:
-        """Row counts per table (for status output and tests)."""
-        return {t: self._db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-                for t in ("users", "items", "offsets", "outbox", "train_log")}
+        """Row counts per table, and "outbox": the keys waiting to be pushed (status output, tests)."""
+        counts = {t: self._db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                  for t in ("users", "items", "offsets", "train_log")}
+        rows = self._outbox()   # keys waiting to be pushed, each once
+        counts["outbox"] = len({u for _, us, _ in rows for u in us}) + len({i for _, _, its in rows for i in its})
+        return counts
 
     def all_users(self) -> Iterable[UserSequence]:
         for u, s in self._db.execute("SELECT user_id, state FROM users"):

@@ -52,7 +52,8 @@ so batches committed while a push is in flight go out together in the next one
 driver; `streaming.max_staged_keys` bounds the keys committed but not yet
 confirmed). Pushes run one at a time in commit order, so an older state never
 overwrites a newer one online, and `mark_pushed(batch=newest)` clears only
-outbox rows whose newest state has been pushed.
+the outbox rows of batches the push read (a batch committed meanwhile keeps its row,
+and its keys go out again in the next push).
 
 With online learning (`learning=streaming.online.OnlineLoop`), step 2 also runs the
 FineTune stage (test-then-train on the batch's changed users), step 4 also writes
@@ -279,8 +280,7 @@ class Driver:
             return 0
         self.online.push_users(pending.users)
         self.online.push_items(pending.items)
-        self.store.mark_pushed([s.user_id for s in pending.users], [s.item_id for s in pending.items],
-                               batch=pending.batch)
+        self.store.mark_pushed(batch=pending.batch)
         log.info("re-pushed %d users and %d items from the outbox", len(pending.users), len(pending.items))
         return len(pending.users) + len(pending.items)
 

@@ -20,7 +20,7 @@ the same outbox is what `Driver.recover` pushes: no new protocol, no new state.
     submit(N)    ---- ("push", N) --->  drain the pipe (newest N wins)
                                         pending = store.pending_push()
                                         online.push_users / push_items
-                                        store.mark_pushed(keys, batch=pending.batch)
+                                        store.mark_pushed(batch=pending.batch)
     poll()       <--- ("pushed", M, pushed_at, seconds, users, items)   M = max(N, pending.batch)
     commit offsets of batches <= M to Kafka, report them
 
@@ -107,8 +107,7 @@ def push_pending(store, online, upto: int) -> Pushed:
         online.push_users(pending.users)
         online.push_items(pending.items)
         pushed_at = time.time()
-        store.mark_pushed([s.user_id for s in pending.users], [s.item_id for s in pending.items],
-                          batch=pending.batch)
+        store.mark_pushed(batch=pending.batch)
     else:
         pushed_at = time.time()
     return Pushed(max(upto, pending.batch), pushed_at, time.perf_counter() - t,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sqlite3
 from types import SimpleNamespace
 
 import pytest
@@ -60,11 +61,11 @@ def test_outbox_lists_committed_but_unpushed_states_until_marked(tmp_path):
         assert p.batch == b1 and [s.user_id for s in p.users] == ["u"] and [s.item_id for s in p.items] == ["x"]
         # the next batch rewrites u before batch 1's push is confirmed
         b2 = batch(st, [click("b", "u", "y", 11)], {("clicks", 0): 2})
-        st.mark_pushed(["u"], ["x"], batch=b1)  # confirms only what batch 1 wrote
+        st.mark_pushed(batch=b1)  # confirms only what batch 1 wrote
         p = st.pending_push()
         assert p.batch == b2 and [s.user_id for s in p.users] == ["u"] and {s.item_id for s in p.items} == {"y"}
         assert p.users[0].item_ids == ("x", "y")
-        st.mark_pushed([s.user_id for s in p.users], [s.item_id for s in p.items], batch=p.batch)
+        st.mark_pushed(batch=p.batch)
         assert not st.pending_push() and st.counts()["outbox"] == 0
 
 
@@ -107,3 +108,28 @@ def test_many_keys_are_read_in_chunks(tmp_path):
         batch(st, evs, {("clicks", 0): 1200})
         assert len(st.get_users([f"u{i}" for i in range(1200)])) == 1200
         assert len(st.pending_push().users) == 1200
+
+
+def test_a_store_with_the_former_per_key_outbox_is_converted_on_open(tmp_path):
+    """Stores written before the outbox became one row per batch keep every unpushed key."""
+    path = tmp_path / "s.db"
+    with StateStore(path) as st:
+        b1 = batch(st, [click("a", "u", "x", 10), click("b", "v", "y", 11)], {("clicks", 0): 2})
+        b2 = batch(st, [click("c", "u", "z", 12)], {("clicks", 0): 3})
+    db = sqlite3.connect(path)
+    with db:   # rewrite the outbox as the former schema held it: one row per key, its last batch
+        db.execute("DROP TABLE push_outbox")
+        db.execute("CREATE TABLE outbox (kind TEXT NOT NULL, key TEXT NOT NULL, batch INTEGER NOT NULL, "
+                   "PRIMARY KEY (kind, key)) WITHOUT ROWID")
+        db.executemany("INSERT INTO outbox VALUES (?, ?, ?)",
+                       [("user", "u", b2), ("user", "v", b1), ("item", "x", b1), ("item", "y", b1), ("item", "z", b2)])
+    db.close()
+    with StateStore(path) as st:
+        p = st.pending_push()
+        assert p.batch == b2 and {s.user_id for s in p.users} == {"u", "v"}
+        assert {s.item_id for s in p.items} == {"x", "y", "z"} and st.counts()["outbox"] == 5
+        st.mark_pushed(batch=b1)                    # batch 1's keys pushed: u and z remain
+        assert {s.user_id for s in st.pending_push().users} == {"u"}
+        assert {s.item_id for s in st.pending_push().items} == {"z"}
+    tables = {r[0] for r in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "outbox" not in tables and "push_outbox" in tables

@@ -56,14 +56,14 @@ def run_batch(store: StateStore, online: OnlineStore, events: list, start: int, 
     online.push_items(list(items.values()))
     if crash == "before_mark":
         return
-    store.mark_pushed([s.user_id for s in users], list(items), batch=batch)
+    store.mark_pushed(batch=batch)
 
 
 def recover(store: StateStore, online: OnlineStore) -> None:
     pending = store.pending_push()
     online.push_users(pending.users)
     online.push_items(pending.items)
-    store.mark_pushed([s.user_id for s in pending.users], [s.item_id for s in pending.items], batch=pending.batch)
+    store.mark_pushed(batch=pending.batch)
 
 
 @pytest.mark.integration
