@@ -53,14 +53,19 @@ Design choices (the issue is silent on these):
   every orjson error) goes through the strict `json` parser, which alone decides
   the reason, so the DecodeError is the same either way.
 
+* Events are `typing.NamedTuple` records: typed, named, immutable fields like a
+  frozen dataclass, built ~5x faster (0.18-0.23 vs 1.15 us: a frozen dataclass sets
+  every field through `object.__setattr__`). The ingest path builds each event twice
+  (here, and again after the shuffle by user); bench/ingest.py's generated stream,
+  two interleaved rounds: driver CPU 43.6 / 42.1 -> 37.2 / 39.5 us per event.
+
 Every rejection is a `DecodeError(reason, field, detail)` with `reason` in
 `REASONS`; the pipeline turns it into a dead letter and a per-reason counter.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from unirec.streaming.config import EventLimits
 
@@ -83,8 +88,8 @@ _INT64 = (-(2**63), 2**63 - 1)
 _DEFAULT_LIMITS = EventLimits()
 
 
-@dataclass(frozen=True, slots=True)
-class ClickEvent:
+# NamedTuples, not frozen dataclasses: see "Events are `typing.NamedTuple` records" above.
+class ClickEvent(NamedTuple):
     event_id: str
     user_id: str
     item_id: str
@@ -99,8 +104,7 @@ class ClickEvent:
     schema = "click/v1"
 
 
-@dataclass(frozen=True, slots=True)
-class QueryEvent:
+class QueryEvent(NamedTuple):
     event_id: str
     user_id: str
     query_id: str
@@ -320,7 +324,7 @@ def _fast_click(obj: dict, now_s: float, limits: EventLimits) -> ClickEvent | No
         return None
     if req is not None and not _id_ok(req, ids):
         return None
-    return ClickEvent(e, u, i, ts, label, surface, q, pos, rating, req)
+    return _new_click((e, u, i, ts, label, surface, q, pos, rating, req))
 
 
 def _fast_query(obj: dict, now_s: float, limits: EventLimits) -> QueryEvent | None:
@@ -329,9 +333,10 @@ def _fast_query(obj: dict, now_s: float, limits: EventLimits) -> QueryEvent | No
     if not (type(ts) is int and 0 <= ts <= now_s + limits.max_future_skew_s and _id_ok(e, ids)
             and _id_ok(u, ids) and _id_ok(q, ids) and _id_ok(text, limits.max_text_chars)):
         return None
-    return QueryEvent(e, u, q, text, ts)
+    return _new_query((e, u, q, text, ts))
 
 
+_new_click, _new_query = ClickEvent._make, QueryEvent._make
 _FAST = {"click/v1": _fast_click, "query/v1": _fast_query}
 
 

@@ -12,7 +12,7 @@ Design choices:
   Kafka is the order of the file. Order *across* users/partitions is not a
   Kafka guarantee and the pipeline does not rely on it.
 * Bytes: a line of the stream is published as it is (it is already a valid
-  payload); dicts are JSON-encoded compactly; dataclass events via `encode`.
+  payload); dicts are JSON-encoded compactly; event objects via `encode`.
 * Pace: `rate` caps the send rate (event i is not sent before i/rate s);
   `speedup` replays event time `speedup` times faster than it happened (event i
   not before (ts_i - ts_first)/speedup s, using the running max of ts so an
@@ -102,7 +102,7 @@ def count_lines(path: str | Path) -> int:
 
 
 def route(event: Any, topics: KafkaTopics) -> tuple[str, bytes, bytes, int]:
-    """(topic, key, value, ts) for an event dataclass, a dict or a JSON line (bytes/str)."""
+    """(topic, key, value, ts) for an event object, a dict or a JSON line (bytes/str)."""
     if isinstance(event, (ClickEvent, QueryEvent)):
         topic = topics.clicks if isinstance(event, ClickEvent) else topics.queries
         return topic, event.user_id.encode(), encode(event), event.ts

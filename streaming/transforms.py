@@ -105,17 +105,16 @@ class Parsed(NamedTuple):
     value: bytes
 
 
-# Events cross GroupByKey as plain tuples (pickled per key group, `pack_parsed`): a slotted
-# frozen dataclass pickles ~10x slower than a tuple of str/int/bytes/None.
+# Events cross GroupByKey as plain tuples with a kind tag (pickled per key group, `pack_parsed`).
 def event_to_tuple(e: Any) -> tuple:
-    if isinstance(e, ClickEvent):
-        return ("c", e.event_id, e.user_id, e.item_id, e.ts, e.label, e.surface, e.query_id, e.position, e.rating,
-                e.request_id)
-    return ("q", e.event_id, e.user_id, e.query_id, e.text, e.ts)
+    return ("c", *e) if isinstance(e, ClickEvent) else ("q", *e)
 
 
 def event_from_tuple(t: tuple) -> Any:
-    return ClickEvent(*t[1:]) if t[0] == "c" else QueryEvent(*t[1:])
+    return _click(t[1:]) if t[0] == "c" else _query(t[1:])
+
+
+_click, _query = ClickEvent._make, QueryEvent._make
 
 
 class ItemClick(NamedTuple):

@@ -213,8 +213,9 @@ ids = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=
 @given(
     e=st.one_of(
         st.builds(ClickEvent, ids, ids, ids, st.integers(0, NOW), st.sampled_from([0, 1]), st.just("rec"),
-                  st.none(), st.none() | st.integers(0, 1000), st.none() | st.integers(1, 5)),
-        st.builds(ClickEvent, ids, ids, ids, st.integers(0, NOW), st.sampled_from([0, 1]), st.just("search"), ids),
+                  st.none(), st.none() | st.integers(0, 1000), st.none() | st.integers(1, 5), st.none() | ids),
+        st.builds(ClickEvent, ids, ids, ids, st.integers(0, NOW), st.sampled_from([0, 1]), st.just("search"), ids,
+                  st.none(), st.none(), st.none()),
         st.builds(QueryEvent, ids, ids, ids, ids, st.integers(0, NOW)),
     )
 )  # fmt: skip

@@ -157,8 +157,6 @@ def test_key_groups_do_not_change_the_result(tmp_path, n_groups):
 def test_events_rebuilt_after_a_group_by_key_are_the_events_that_went_in():
     """Events cross the GroupByKey as tuples (`event_to_tuple`): rebuilt, they must be
     equal, hash alike and stay frozen."""
-    import dataclasses
-
     from unirec.streaming.transforms import event_from_tuple, event_to_tuple
 
     events = [click(1), click(2, surface="search", query_id="q-2"),
@@ -166,5 +164,5 @@ def test_events_rebuilt_after_a_group_by_key_are_the_events_that_went_in():
     for e in events:
         back = event_from_tuple(event_to_tuple(e))
         assert type(back) is type(e) and back == e and hash(back) == hash(e) and repr(back) == repr(e)
-        with pytest.raises(dataclasses.FrozenInstanceError):
+        with pytest.raises(AttributeError):
             back.ts = 0
