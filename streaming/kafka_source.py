@@ -118,10 +118,7 @@ def read_range(consumer: KafkaConsumer, rng: ReadRange, *,
     """Read `rng` with `consumer` (assigned and seeked here); see the module docstring
     for the bounds. One-shot: what the consumer fetched past the range is dropped by
     the next assign or seek (a `PartitionReader` keeps it)."""
-    tp = TopicPartition(rng.topic, rng.partition)
-    consumer.assign([tp])
-    consumer.seek(tp, rng.start)
-    return _read(consumer, tp, rng, [], clock)[0]
+    return PartitionReader(consumer, rng.topic, rng.partition).read(rng, clock=clock)
 
 
 class PartitionReader:

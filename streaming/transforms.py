@@ -111,10 +111,7 @@ def event_to_tuple(e: Any) -> tuple:
 
 
 def event_from_tuple(t: tuple) -> Any:
-    return _click(t[1:]) if t[0] == "c" else _query(t[1:])
-
-
-_click, _query = ClickEvent._make, QueryEvent._make
+    return ClickEvent._make(t[1:]) if t[0] == "c" else QueryEvent._make(t[1:])
 
 
 class ItemClick(NamedTuple):
