@@ -21,7 +21,7 @@ with `sampled` they stay at their initial values).
 Learning rate: linear warm-up over `warmup_steps` (counted across calls, so
 online fine-tuning does not re-warm); inside a budgeted `fit` (time_budget_s
 or max_steps) it then follows a cosine to `min_lr_ratio * lr` over the budget
-(the offline bench ends its 100 s budget under-trained, so the annealed end is
+(a budget ends before the model has converged, so the annealed end is
 worth more than a constant rate: test NDCG@10 0.053 -> 0.062 at 1,200 steps,
 retrieval_only, one seed);
 embedding tables learn `emb_lr_mult` times faster (each item row is a target a

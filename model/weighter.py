@@ -31,8 +31,8 @@ gradient against its own remaining loss, and a task's pull w_i G_i stays in prop
 to L_i * r_i^alpha. On ML-100k they move with training inside the clamp (w_retrieval
 0.9-1.5, w_ranking 0.5-1.1 over 1,500 steps, seed 1) instead of sitting on it.
 
-Measured (bench/offline_quality.py --variants unified --steps 1500 --seeds 1,2,3,4; the
-choice was made on the validation split, test shown for the record):
+Measured (bench/offline_quality.py --variants unified --steps 1500 --seeds 1,2,3,4, at the
+bench's step budget; the choice was made on the validation split, test shown for the record):
 
   weighter                         valid NDCG@10  valid AUC   test NDCG@10  test AUC
   log gradients, alpha 1.5 (used)      0.1143       0.7975       0.1035      0.8034
@@ -40,7 +40,7 @@ choice was made on the validation split, test shown for the record):
   plain GradNorm, alpha 0.5            0.1056       0.8062       0.1009      0.8062
   fixed 1 / 1 (session 12)             0.1068       0.8012       0.1059      0.806
 
-At the bench's own 100 s budget (`--variants unified,unified_no_weighter --seeds 1,2,3,4`):
+At the bench's former 100 s time budget (`--variants unified,unified_no_weighter --seeds 1,2,3,4`):
 validation NDCG@10 0.1098 vs 0.1058 with fixed 1 / 1 weights (higher on all 4 seeds), AUC
 0.795 vs 0.801; on test the order flips, 0.0989 vs 0.1037 (fixed minus adaptive +0.0048,
 se 0.0052: one standard error).
