@@ -15,7 +15,8 @@ ML-100k (`events.jsonl`, time order) is cut at 70% of its event-time span.
    (`OnlineLearner.from_arrays`: weights, item table, optimiser moments, step count).
 2. **The last 30%** is streamed in micro-batches of `--batch-events` clicks, in time
    order, exactly as the pipeline's FineTune stage sees them (each changed user's
-   recent sequence with the batch's events as the new tail, `model.online.Example`).
+   recent sequence with the batch's events as the new tail, `model.online.Example`; all
+   of them even when one user brought more than the stored sequence keeps).
    Both arms score each batch before anything trains on it (test-then-train, in a pass
    of its own: `process(fuse=False)`; the pipeline scores off its training steps, see
    model/online.py, which lets later steps of a batch score with the earlier ones' updates):
@@ -64,7 +65,9 @@ def examples_for(batch: list[dict], seqs: dict[str, list[dict]], qtext: dict, ke
         new[c["user_id"]] = new.get(c["user_id"], 0) + 1
     out = []
     for u, n in new.items():
-        s = seqs[u][-keep:]
+        # as the pipeline's examples: the stored sequence (the last `keep` clicks), and the
+        # whole batch when one user brought more new clicks than that (streaming.transforms)
+        s = seqs[u][-(keep if n <= keep else keep + n):]
         out.append(Example(u, [c["item_id"] for c in s], [c["label"] for c in s], [c["ts"] for c in s],
                            [c["surface"] for c in s], [qtext.get(c.get("query_id")) for c in s], min(n, len(s))))
     return out

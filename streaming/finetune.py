@@ -5,7 +5,12 @@
 * **Examples.** `new_tail(old, new)` counts the events at the end of a user's new
   sequence that this batch brought (events arrive in time order almost always and
   are appended; a late event inserted further back makes every event after it
-  count as new, so it is trained on in its true position). `example_of` turns the
+  count as new, so it is trained on in its true position). A user whose new clicks do
+  not all fit the stored sequence (`features.max_sequence_length`: a burst longer than
+  it, or a late click older than all it keeps) gets an example merged without the cap,
+  so that no new click goes unscored and untrained (`transforms.update_users`; on
+  ML-100k replayed in 2,000-click batches that was 9% of the last 30%'s clicks, from 37
+  users). `example_of` turns the
   state into a `model.online.Example` of plain columns (JSON-able: the driver also
   writes the batch's examples into the state store's training log, see
   `features.state`).

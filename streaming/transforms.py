@@ -229,7 +229,17 @@ def update_users(parsed: Iterable[Parsed], get_users: Callable[[list[str]], Mapp
                 clicks = res.applied_clicks
                 out.applied_clicks.extend(clicks)
                 if spec.examples and (n := new_tail(old, res.state, len(clicks))):
-                    out.examples.append(example_of(res.state, n))
+                    state = res.state
+                    if n < len(clicks) or (n > len(clicks) and len(res.state) >= kwargs["max_len"]):
+                        # new clicks may have fallen off the front of the capped sequence (a burst of
+                        # more clicks than it keeps, or a late click older than all it keeps): they
+                        # would be neither scored nor trained on, so the example is merged once more
+                        # without the cap (the stored state stays capped)
+                        wide = kwargs | {"max_len": kwargs["max_len"] + len(clicks),
+                                         "max_queries": kwargs["max_queries"] + len(ordered)}
+                        state = merge(old, user_id, [p.event for p in ordered], **wide).state
+                        n = new_tail(old, state, len(clicks))
+                    out.examples.append(example_of(state, n))
             if res.rejected:
                 by_id = {id(p.event): p for p in ordered}
                 for event, reason in res.rejected:

@@ -113,6 +113,45 @@ def test_update_users_continues_from_the_stored_state_and_is_idempotent(tmp_path
         sequence.reference(first + [click(3, ts=30)], **s.merge_kwargs)["u1"]]
 
 
+def _examples(tmp_path, old_events, new_events, **kw):
+    s = spec(tmp_path, examples=True, **kw)
+    parse = lambda evs, at: parse_records([record(e, at + i, ts_ms=at + i) for i, e in enumerate(evs)], KINDS,
+                                          now_s=NOW, limits=s.limits)[0]
+    stored = {"u1": update_users(parse(old_events, 0), lambda ids: {}, spec=s).states[0]} if old_events else {}
+    return update_users(parse(new_events, 100), lambda ids: stored, spec=s)
+
+
+def test_a_burst_longer_than_the_stored_sequence_is_trained_on_whole(tmp_path):
+    """More clicks of one user in one batch than the stored sequence keeps: the state stays
+    capped, but the example still holds every new click as new (none unscored or untrained)."""
+    old = [click(k, item=f"o{k}", ts=10 + k) for k in range(3)]
+    burst = [click(10 + k, item=f"n{k}", ts=100 + k) for k in range(8)]
+    res = _examples(tmp_path, old, burst, max_len=5)
+    assert list(res.states[0].item_ids) == [f"n{k}" for k in range(3, 8)]
+    (ex,) = res.examples
+    assert ex["n_new"] == 8 and ex["item_ids"][-8:] == [f"n{k}" for k in range(8)]
+    assert ex["item_ids"][:-8] == ["o0", "o1", "o2"]          # and the old context before them
+
+
+def test_a_burst_keeps_the_query_text_of_every_new_search_click(tmp_path):
+    events = []
+    for k in range(4):
+        events += [query(k, ts=100 + 2 * k, text=f"film {k}"),
+                   click(k, item=f"n{k}", ts=101 + 2 * k, surface="search", query_id=f"q-{k}")]
+    (ex,) = _examples(tmp_path, [], events, max_len=2, max_queries=1).examples
+    assert ex["n_new"] == 4 and ex["queries"] == [f"film {k}" for k in range(4)]
+
+
+def test_a_late_click_older_than_the_whole_stored_sequence_is_still_an_example(tmp_path):
+    old = [click(k, item=f"o{k}", ts=10 * (k + 1)) for k in range(5)]            # ts 10..50, full at 5
+    late, mid = click(20, item="late", ts=5), click(21, item="mid", ts=35)
+    res = _examples(tmp_path, old, [late, mid], max_len=5)
+    assert "late" not in res.states[0].item_ids                                    # fell off the capped state
+    (ex,) = res.examples
+    new_part = ex["item_ids"][len(ex["item_ids"]) - ex["n_new"]:]
+    assert new_part[0] == "late" and "mid" in new_part
+
+
 def test_update_items_counts_applied_clicks_on_top_of_stored_stats(tmp_path):
     s = spec(tmp_path)
     old = [click(1, item="a", ts=3600, label=1), click(2, item="b", ts=3700, label=0)]
