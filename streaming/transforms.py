@@ -223,7 +223,8 @@ def update_users(parsed: Iterable[Parsed], get_users: Callable[[list[str]], Mapp
         for user_id in chunk:
             ordered = order_user_events(per_user[user_id])
             old = stored.get(user_id)
-            res = merge(old, user_id, [p.event for p in ordered], **kwargs)
+            events = [p.event for p in ordered]
+            res = merge(old, user_id, events, **kwargs)
             if res.applied:
                 out.states.append(res.state)
                 clicks = res.applied_clicks
@@ -237,7 +238,7 @@ def update_users(parsed: Iterable[Parsed], get_users: Callable[[list[str]], Mapp
                         # without the cap (the stored state stays capped)
                         wide = kwargs | {"max_len": kwargs["max_len"] + len(clicks),
                                          "max_queries": kwargs["max_queries"] + len(ordered)}
-                        state = merge(old, user_id, [p.event for p in ordered], **wide).state
+                        state = merge(old, user_id, events, **wide).state
                         n = new_tail(old, state, len(clicks))
                     out.examples.append(example_of(state, n))
             if res.rejected:
