@@ -31,6 +31,8 @@ ML-100k (`events.jsonl`, time order) is cut at 70% of its event-time span.
    (the batch is scored in two calls, one per group, then trained on whole). On ML-100k
    85% of the scored clicks are new users', and the ratio is the same for both groups
    (1.086): what online learning adds here is not about the users it has seen.
+   bench/online_bounds.py bounds the ratio from above: models trained on the tail
+   before scoring it, with and without the scored users' own clicks.
 
 The learner is the pipeline's own (`unirec.model.online.OnlineLearner`), driven in
 process: the Kafka/Beam/Feast path around it is measured by bench/freshness.py and
@@ -121,6 +123,34 @@ def from_checkpoint(snap: dict, cfg, pieces, sentence_of=None, query_vectors=Non
                                      sentence_of=sentence_of, query_vectors=query_vectors)
 
 
+def checkpoint(cfg, train_steps: int, split: float) -> dict:
+    """The offline checkpoint both arms start from (module doc, 1.) and the stream around it:
+    ML-100k's clicks cut at `split` of their event-time span into `head` (trained on, and
+    `seqs`: each head user's clicks) and `tail` (streamed), the snapshot `snap` and the
+    lookups the learners need (item text `pieces`, `sentence_of`, query vectors `qv`)."""
+    torch.set_num_threads(max(1, cfg.train.threads))
+    mc = cfg.model
+    clicks, qtext, pieces = load_stream(cfg)
+    # with model.sentence_encoder: the catalogue's MiniLM vectors, as the pipeline's FineTune stage has them
+    sentence_of = sentence_lookup(str(ROOT / ".cache/unirec/ml-100k/items.jsonl"), mc, str(ROOT / ".cache/unirec"))
+    qv = query_vectors(mc, str(ROOT / ".cache/unirec"))      # and the queries' (None without the option)
+    t0, t1 = clicks[0]["ts"], clicks[-1]["ts"]
+    cut = t0 + split * (t1 - t0)
+    head = [c for c in clicks if c["ts"] <= cut]
+    tail = [c for c in clicks if c["ts"] > cut]
+    seqs: dict[str, list[dict]] = {}
+    for c in head:
+        seqs.setdefault(c["user_id"], []).append(c)
+    t = time.perf_counter()
+    # the head trains as `unirec train --offline` does: with the model's dropout (the online arms fine-tune without)
+    offline = OnlineLearner.fresh(mc, cfg.train, dataclasses.replace(cfg.online, dropout=True), pieces_of=pieces,
+                                  sentence_of=sentence_of, query_vectors=qv)
+    info = offline_train(offline, seqs, qtext, train_steps)
+    return {"qtext": qtext, "pieces": pieces, "sentence_of": sentence_of, "qv": qv,
+            "head": head, "tail": tail, "seqs": seqs, "snap": offline.snapshot(), "info": info,
+            "offline_s": time.perf_counter() - t}
+
+
 def slice_figures(slices: dict, group: str) -> dict:
     """NDCG@10 of both arms and their ratio over one group of users' events."""
     on, fr = (slices[arm][group].means() for arm in ("online", "frozen"))
@@ -138,26 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=str(ROOT / "pipeline.yaml"))
     args = ap.parse_args(argv)
     cfg = load(args.config)
-    torch.set_num_threads(max(1, cfg.train.threads))
-    mc = cfg.model
-    clicks, qtext, pieces = load_stream(cfg)
-    # with model.sentence_encoder: the catalogue's MiniLM vectors, as the pipeline's FineTune stage has them
-    sentence_of = sentence_lookup(str(ROOT / ".cache/unirec/ml-100k/items.jsonl"), mc, str(ROOT / ".cache/unirec"))
-    qv = query_vectors(mc, str(ROOT / ".cache/unirec"))      # and the queries' (None without the option)
-    t0, t1 = clicks[0]["ts"], clicks[-1]["ts"]
-    cut = t0 + args.split * (t1 - t0)
-    head = [c for c in clicks if c["ts"] <= cut]
-    tail = [c for c in clicks if c["ts"] > cut]
-    seqs: dict[str, list[dict]] = {}
-    for c in head:
-        seqs.setdefault(c["user_id"], []).append(c)
-    t = time.perf_counter()
-    # the head trains as `unirec train --offline` does: with the model's dropout (the online arms fine-tune without)
-    offline = OnlineLearner.fresh(mc, cfg.train, dataclasses.replace(cfg.online, dropout=True), pieces_of=pieces,
-                                  sentence_of=sentence_of, query_vectors=qv)
-    info = offline_train(offline, seqs, qtext, args.train_steps)
-    offline_s = time.perf_counter() - t
-    snap = offline.snapshot()
+    ck = checkpoint(cfg, args.train_steps, args.split)
+    qtext, pieces, sentence_of, qv = ck["qtext"], ck["pieces"], ck["sentence_of"], ck["qv"]
+    head, tail, seqs, snap, info, offline_s = (ck[k] for k in ("head", "tail", "seqs", "snap", "info", "offline_s"))
     online, frozen = (from_checkpoint(snap, cfg, pieces, sentence_of, qv)
                       for _ in range(2))
     sums = {"online": EvalSums(k=10), "frozen": EvalSums(k=10)}
