@@ -48,7 +48,10 @@ from online_vs_frozen import checkpoint, examples_for, from_checkpoint  # noqa: 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train-steps", type=int, default=1000, help="offline optimiser steps on the head")
+    ap.add_argument("--train-steps", type=int, default=None,
+                    help="offline optimiser step budget on the head (default: train.max_steps)")
+    ap.add_argument("--no-validation", action="store_true",
+                    help="no early stopping: train on every head click, the checkpoint is the model at the budget's end")
     ap.add_argument("--batch-events", type=int, default=2000)
     ap.add_argument("--split", type=float, default=0.7)
     ap.add_argument("--passes", type=int, default=1, help="fine-tuning passes over the tail before scoring")
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--folds must be at least 2")
     t_start = time.perf_counter()
     cfg = load(args.config)
-    ck = checkpoint(cfg, args.train_steps, args.split)
+    ck = checkpoint(cfg, args.train_steps or cfg.train.max_steps, args.split, validate=not args.no_validation)
     tail, seqs, qtext = ck["tail"], ck["seqs"], ck["qtext"]
     keep = cfg.features.max_sequence_length
     # the tail's micro-batches as online_vs_frozen streams them (each Example holds its own lists)
