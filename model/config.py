@@ -129,6 +129,7 @@ class OnlineConfig:
     lr_decay_steps: int = 1000          # lr: train.lr's cosine to train.min_lr_ratio * lr over the model
                                         # lineage's first N steps (offline ones included), then that floor;
                                         # 0 = constant train.lr (undoes an annealed checkpoint: model/online.py)
+    min_lr_ratio: float = 0.0           # that floor, a share of train.lr (0 = train.min_lr_ratio)
     max_steps_per_batch: int = 0        # cap on optimiser steps per micro-batch (0 = train on every new
                                         # window); windows beyond it only enter the replay buffer (counted)
     item_capacity: int = 2048           # initial rows of the growing item table (doubles when full)
@@ -150,3 +151,5 @@ class OnlineConfig:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.expire_after_s < 0:
             raise ValueError(f"expire_after_s: must be >= 0, got {self.expire_after_s}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")

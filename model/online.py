@@ -48,13 +48,14 @@ batches), a growing `ItemTable` and a replay buffer. Design choices:
   windows the batch does not train on. tests/model/test_online.py checks the fused
   figures against a separate pass before each step, and the no-later-event rule.
 * **Learning rate.** `train.lr` with the trainer's warm-up, then its cosine down to
-  `train.min_lr_ratio * lr` over the first `online.lr_decay_steps` steps of the model's
-  lineage (offline steps included: the step count travels with every snapshot), then
-  that floor for good. A fresh pipeline model learns fast at first; a model resumed
-  from an annealed checkpoint keeps learning at the rate its schedule ended at. A
-  constant `train.lr` after an annealed checkpoint undoes the annealing: on
-  bench/online_vs_frozen.py (1,000 offline steps) online/frozen NDCG@10 was 0.91 at
-  2e-3, 1.05 at 5e-4, 1.07-1.08 at 5e-5..2e-4 (the floor, 1e-4: 1.08).
+  a floor, `online.min_lr_ratio * lr` (`train.min_lr_ratio` when 0), over the first
+  `online.lr_decay_steps` steps of the model's lineage (offline steps included: the
+  step count travels with every snapshot), then that floor for good. A fresh pipeline
+  model learns fast at first; a resumed one keeps learning at the floor. The floor is
+  the online learner's own: an offline `fit` on the same trainer still decays to
+  `train.min_lr_ratio`. A constant `train.lr` after an annealed checkpoint undoes the
+  annealing: on bench/online_vs_frozen.py (an annealed 1,000-step checkpoint)
+  online/frozen NDCG@10 was 0.91 at 2e-3, 1.05 at 5e-4, 1.07-1.08 at 5e-5..2e-4.
 * **Forgetting.** Each optimiser step takes `batch_size` windows: new ones and,
   once the buffer has some, a `replay_fraction` share drawn uniformly from a
   bounded FIFO of the most recent `replay_buffer` windows (recent history, not a
@@ -204,6 +205,7 @@ class OnlineLearner:
         if cfg.lr_decay_steps and trainer.cfg.lr_decay != "none":
             # the trainer's cosine to min_lr_ratio * lr, over the lineage's first steps (see module doc)
             trainer.progress = lambda: trainer.steps / cfg.lr_decay_steps
+            trainer.floor = cfg.min_lr_ratio or None
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -91,18 +91,21 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.log: deque[dict] = deque(maxlen=10000)           # recent steps (bounded: online runs forever)
         self.progress: Callable[[], float] | None = None       # share of the training budget spent (fit sets it)
+        self.floor: float | None = None     # lr floor outside `fit` (online.min_lr_ratio); None: cfg.min_lr_ratio
 
     # ---- learning rate -------------------------------------------------------------------
     def lr_scale(self) -> float:
         """Linear warm-up over `warmup_steps` (counted across calls), then, inside a budgeted
-        `fit`, cosine decay to `min_lr_ratio` over the budget; constant otherwise (online)."""
+        `fit`, cosine decay to `min_lr_ratio` over the budget; constant otherwise, or the
+        online learner's cosine over the lineage's first steps down to `floor`."""
         cfg = self.cfg
         warm = min(1.0, (self.steps + 1) / max(1, cfg.warmup_steps))
         p = self.progress() if self.progress is not None else None
         if p is None or cfg.lr_decay == "none":
             return warm
         p = min(max(p, 0.0), 1.0)
-        return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+        floor = cfg.min_lr_ratio if self.floor is None else self.floor
+        return warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
 
     # ---- one update -----------------------------------------------------------------------
     def _retrieval(self, u, targets, items, hard_ids=None, weight=None, lexical=None, keep=None):
@@ -287,6 +290,7 @@ class Trainer:
         budgets = [f for f in (cfg.time_budget_s and (lambda: (time.perf_counter() - start) / cfg.time_budget_s),
                                cfg.max_steps and (lambda: (self.steps - first_step) / cfg.max_steps)) if f]
         self.progress = (lambda: max(f() for f in budgets)) if budgets else None
+        floor, self.floor = self.floor, None   # a budgeted fit decays to train.min_lr_ratio
         token_lists = train_windows(histories, mc.max_len, use_queries=mc.use_queries,   # tokenised once, not per epoch
                                     use_feedback=mc.use_feedback, all_targets=cfg.all_targets,
                                     feedback_tokens=mc.feedback_tokens, use_query_vecs=mc.sentence_encoder)
@@ -313,7 +317,7 @@ class Trainer:
                         break
             if over:
                 break
-        self.progress = None   # later calls (online fine-tuning) run at the constant rate
+        self.progress, self.floor = None, floor   # later calls (online fine-tuning) run at the constant rate
         if best_state is not None:
             self.model.load_state_dict(best_state)
         return {"best_valid": best, "epochs": epoch, "seconds": time.perf_counter() - start, "steps": self.steps}

@@ -335,6 +335,23 @@ def test_online_lr_decays_over_the_lineage_first_steps_then_stays_at_the_floor()
     assert [const.process(cyclic_batch(s))["lr"] for s in range(6)][-1] == pytest.approx(tc.lr)
 
 
+def test_online_min_lr_ratio_sets_the_fine_tuning_floor_and_a_budgeted_fit_keeps_the_trains():
+    tc = TrainConfig(lr=1e-2, batch_size=8, warmup_steps=1, min_lr_ratio=0.1, threads=1)
+    oc = OnlineConfig(item_capacity=4, lr_decay_steps=6, min_lr_ratio=0.3)
+    lr = OnlineLearner.fresh(MC, tc, oc, pieces_of=lambda i: [1])
+    rates = [lr.process(cyclic_batch(s))["lr"] for s in range(8)]
+    assert rates[0] > 0.5 * tc.lr and rates[-1] == pytest.approx(tc.lr * oc.min_lr_ratio)
+    tr = lr.trainer                                       # an offline fit on the same trainer: train's floor
+    tr.cfg = dataclasses.replace(tr.cfg, max_steps=4, epochs=50, patience=50)
+    hist = lr._histories([Example("u", [f"i{k % 4}" for k in range(12)], [1] * 12, list(range(12)),
+                                  ["rec"] * 12, [None] * 12, 12)])
+    lr._sync_table()                                      # rows for the new items, as process does
+    seen = []
+    tr.fit(hist, lambda: seen.append(tr.lr_scale()) or 0.0, log=lambda line: None)
+    assert seen[-1] == pytest.approx(tc.min_lr_ratio)
+    assert tr.floor == oc.min_lr_ratio                    # and fine-tuning after it keeps the online floor
+
+
 def test_repeat_logit_added_in_place_equals_the_models_repeat_scores():
     lr = learner()
     lr.process(cyclic_batch(0))
