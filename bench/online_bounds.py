@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="no early stopping: train on every head click, the checkpoint is the model at the budget's end")
     ap.add_argument("--batch-events", type=int, default=2000)
     ap.add_argument("--split", type=float, default=0.7)
-    ap.add_argument("--passes", type=int, default=1, help="fine-tuning passes over the tail before scoring")
+    ap.add_argument("--passes", type=int, default=1, help="times the tail is fed to the learner before scoring "
+                    "(each feeding makes online.passes optimiser passes over a batch, as the online arm does)")
     ap.add_argument("--folds", type=int, default=4, help="user groups for the `others` bound")
     ap.add_argument("--config", default=str(ROOT / "pipeline.yaml"))
     args = ap.parse_args(argv)
