@@ -38,32 +38,24 @@ import time
 import zlib
 from pathlib import Path
 
-from unirec.config import load
 from unirec.model.prequential import EvalSums
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from online_vs_frozen import checkpoint, examples_for, from_checkpoint  # noqa: E402
+from online_vs_frozen import examples_for, from_args, from_checkpoint, stream_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train-steps", type=int, default=None,
-                    help="offline optimiser step budget on the head (default: train.max_steps)")
-    ap.add_argument("--no-validation", action="store_true",
-                    help="no early stopping: train on every head click, the checkpoint is the model at the budget's end")
-    ap.add_argument("--batch-events", type=int, default=2000)
-    ap.add_argument("--split", type=float, default=0.7)
+    stream_args(ap)
     ap.add_argument("--passes", type=int, default=1, help="times the tail is fed to the learner before scoring "
                     "(each feeding makes online.passes optimiser passes over a batch, as the online arm does)")
     ap.add_argument("--folds", type=int, default=4, help="user groups for the `others` bound")
-    ap.add_argument("--config", default=str(ROOT / "pipeline.yaml"))
     args = ap.parse_args(argv)
     if args.folds < 2:
         ap.error("--folds must be at least 2")
     t_start = time.perf_counter()
-    cfg = load(args.config)
-    ck = checkpoint(cfg, args.train_steps or cfg.train.max_steps, args.split, validate=not args.no_validation)
+    cfg, ck = from_args(args)
     tail, seqs, qtext = ck["tail"], ck["seqs"], ck["qtext"]
     keep = cfg.features.max_sequence_length
     # the tail's micro-batches as online_vs_frozen streams them (each Example holds its own lists)

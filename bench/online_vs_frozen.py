@@ -180,8 +180,8 @@ def slice_figures(slices: dict, group: str) -> dict:
             "ratio": round(on["ndcg@10"] / max(1e-12, fr["ndcg@10"]), 3), "eval_events": fr["eval_events"]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def stream_args(ap: argparse.ArgumentParser) -> None:
+    """The arguments of the checkpoint and the stream (this bench's and bench/online_bounds.py's)."""
     ap.add_argument("--train-steps", type=int, default=None,
                     help="offline optimiser step budget on the head (default: train.max_steps)")
     ap.add_argument("--no-validation", action="store_true",
@@ -191,10 +191,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--end", type=float, default=1.0, help="the stream ends here (share of the span): "
                     "--split 0.5 --end 0.7 streams a validation period before the last 30%%")
     ap.add_argument("--config", default=str(ROOT / "pipeline.yaml"))
-    args = ap.parse_args(argv)
+
+
+def from_args(args: argparse.Namespace) -> tuple:
+    """(config, `checkpoint(...)`) as `stream_args`' arguments say."""
     cfg = load(args.config)
-    ck = checkpoint(cfg, args.train_steps or cfg.train.max_steps, args.split, validate=not args.no_validation,
-                    end=args.end)
+    return cfg, checkpoint(cfg, args.train_steps or cfg.train.max_steps, args.split,
+                           validate=not args.no_validation, end=args.end)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    stream_args(ap)
+    args = ap.parse_args(argv)
+    cfg, ck = from_args(args)
     qtext, pieces, sentence_of, qv = ck["qtext"], ck["pieces"], ck["sentence_of"], ck["qv"]
     head, tail, seqs, snap, info, offline_s = (ck[k] for k in ("head", "tail", "seqs", "snap", "info", "offline_s"))
     online, frozen = (from_checkpoint(snap, cfg, pieces, sentence_of, qv)
