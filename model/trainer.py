@@ -286,7 +286,8 @@ class Trainer:
         """
         cfg, mc = self.cfg, self.model.cfg
         rng = np.random.default_rng(cfg.seed)
-        best, best_state, bad, start, first_step = -1.0, None, 0, time.perf_counter(), self.steps
+        best, best_state, best_trainer, bad = -1.0, None, {}, 0
+        start, first_step = time.perf_counter(), self.steps
         budgets = [f for f in (cfg.time_budget_s and (lambda: (time.perf_counter() - start) / cfg.time_budget_s),
                                cfg.max_steps and (lambda: (self.steps - first_step) / cfg.max_steps)) if f]
         self.progress = (lambda: max(f() for f in budgets)) if budgets else None
@@ -311,6 +312,7 @@ class Trainer:
                 if score > best:
                     best, bad = score, 0
                     best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                    best_trainer = self.state_arrays()   # its optimiser moments, item counts, step count
                 else:
                     bad += 1
                     if bad >= cfg.patience:
@@ -318,6 +320,11 @@ class Trainer:
             if over:
                 break
         self.progress, self.floor = None, floor   # later calls (online fine-tuning) run at the constant rate
+        steps = self.steps
         if best_state is not None:
+            # the best weights with the optimiser state that goes with them: training that resumes
+            # from here (online fine-tuning) starts from moments and a step count of these weights
             self.model.load_state_dict(best_state)
-        return {"best_valid": best, "epochs": epoch, "seconds": time.perf_counter() - start, "steps": self.steps}
+            self.load_state_arrays(best_trainer)
+        return {"best_valid": best, "epochs": epoch, "seconds": time.perf_counter() - start, "steps": steps,
+                "best_steps": self.steps}

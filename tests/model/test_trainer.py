@@ -70,19 +70,24 @@ def test_enhancer_runs_after_warmup_and_logs_mined_items():
     assert "hard_negatives" in log
 
 
-def test_fit_early_stops_and_restores_the_best_weights():
+def test_fit_early_stops_and_restores_the_best_weights_with_their_optimiser_state():
     model, tr = _setup(epochs=20, patience=2)
     scores = iter([0.1, 0.3, 0.2, 0.25, 0.9])
-    snapshots = []
+    snapshots, states = [], []
 
     def validate():
         snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        states.append(tr.state_arrays())
         return next(scores)
 
     info = tr.fit(_cyclic_histories(), validate, log=lambda s: None)
     assert info["epochs"] == 4 and info["best_valid"] == 0.3
     best = snapshots[1]
     assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
+    # what fine-tuning resumes with: the moments, counts and step count of those weights
+    now = tr.state_arrays()
+    assert now.keys() == states[1].keys() and all(torch.equal(v, states[1][k]) for k, v in now.items())
+    assert tr.steps == info["best_steps"] < info["steps"]
 
 
 def test_fit_stops_at_max_steps():
