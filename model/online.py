@@ -90,7 +90,9 @@ batches), a growing `ItemTable` and a replay buffer. Design choices:
   three at 0.05 / 0.1 / 0.15 1.138 / 1.141 / 1.141; at two passes and 0.1, no replay
   1.122, `replay_fraction` 0.5 1.145, a 16,000-window buffer 1.142, `lr_decay_steps`
   2,000 1.134. Kept: two passes, floor 0.1 (pipeline.yaml). On the last 30%: 1.138
-  (online 0.0974, frozen 0.0856).
+  (online 0.0974, frozen 0.0856); 1.131 (online 0.0968; validation stream 1.139) once
+  `Trainer.fit` put back the best epoch's optimiser moments and step count with its
+  weights, not the last epoch's.
   Leaky bounds (bench/online_bounds.py, from the annealed checkpoint at one pass and
   the 1e-4 floor): the checkpoint fine-tuned on the whole tail *before* scoring it
   reaches 1.24 (one pass) and 1.41 (three); fine-tuned on the whole tail of every
