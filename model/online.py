@@ -94,7 +94,8 @@ batches), a growing `ItemTable` and a replay buffer. Design choices:
   else was ahead by more than a few thousandths. On the last 30%: 1.138
   (online 0.0974, frozen 0.0856); 1.131 (online 0.0968; validation stream 1.139) once
   `Trainer.fit` put back the best epoch's optimiser moments and step count with its
-  weights, not the last epoch's.
+  weights, not the last epoch's. Steps of 8 / 32 windows instead of `train.batch_size`
+  16 then: 1.145 / 1.129 on the validation stream (16: 1.139), not worth an option.
   Leaky bounds (bench/online_bounds.py, from the annealed checkpoint at one pass and
   the 1e-4 floor): the checkpoint fine-tuned on the whole tail *before* scoring it
   reaches 1.24 (one pass) and 1.41 (three); fine-tuned on the whole tail of every
