@@ -42,7 +42,7 @@ from unirec.model.prequential import EvalSums
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from online_vs_frozen import examples_for, from_args, from_checkpoint, stream_args  # noqa: E402
+from online_vs_frozen import examples_for, from_args, from_checkpoint, score_into, stream_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,9 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     def score(lrn, arm: str, scored_on=lambda user: True, then_train: bool = False) -> None:
         for ex in batches:
             if part := [e for e in ex if scored_on(e.user_id)]:
-                lrn.process(part, train=False, fuse=False)
-                sums[arm].merge(lrn.since["eval"])
-                lrn.published()                           # per-call sums, merged above
+                score_into(lrn, part, sums[arm])
                 if then_train:                            # test-then-train, as the online arm does
                     lrn.process(part, evaluate=False, fuse=False)
 

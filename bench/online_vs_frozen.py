@@ -74,6 +74,20 @@ from unirec.streaming.finetune import sentence_lookup
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def columns(clicks: list[dict], qtext: dict) -> tuple[list, list, list, list, list]:
+    """Clicks as `Example` / `history_from_columns` columns: items, labels, ts, surfaces, query texts."""
+    return ([c["item_id"] for c in clicks], [c["label"] for c in clicks], [c["ts"] for c in clicks],
+            [c["surface"] for c in clicks], [qtext.get(c.get("query_id")) for c in clicks])
+
+
+def score_into(learner: OnlineLearner, examples: list[Example], *sums: EvalSums) -> None:
+    """Score `examples` with `learner` as it is (a pass of its own, no step); add the figures to `sums`."""
+    learner.process(examples, train=False, fuse=False)
+    for into in sums:
+        into.merge(learner.since["eval"])
+    learner.published()                                   # per-call sums, merged above
+
+
 def examples_for(batch: list[dict], seqs: dict[str, list[dict]], qtext: dict, keep: int) -> list[Example]:
     new: dict[str, int] = {}
     for c in batch:
@@ -84,8 +98,7 @@ def examples_for(batch: list[dict], seqs: dict[str, list[dict]], qtext: dict, ke
         # as the pipeline's examples: the stored sequence (the last `keep` clicks), and the
         # whole batch when one user brought more new clicks than that (streaming.transforms)
         s = seqs[u][-(keep if n <= keep else keep + n):]
-        out.append(Example(u, [c["item_id"] for c in s], [c["label"] for c in s], [c["ts"] for c in s],
-                           [c["surface"] for c in s], [qtext.get(c.get("query_id")) for c in s], min(n, len(s))))
+        out.append(Example(u, *columns(s, qtext), min(n, len(s))))
     return out
 
 
@@ -114,16 +127,14 @@ def offline_train(learner: OnlineLearner, seqs: dict[str, list[dict]], qtext: di
     mc, tr = learner.mc, learner.trainer
     hist, held = [], []
     for u, cs in seqs.items():
+        cols = columns(cs, qtext)
         learner._pending_new = []
-        learner.table.assign([c["item_id"] for c in cs], [c["ts"] for c in cs])
+        learner.table.assign(cols[0], cols[2])
         learner._sync_table()
         if validate and len(cs) > 1:
-            held.append(Example(u, [c["item_id"] for c in cs], [c["label"] for c in cs], [c["ts"] for c in cs],
-                                [c["surface"] for c in cs], [qtext.get(c.get("query_id")) for c in cs], 1))
-            cs = cs[:-1]
-        hist.append(history_from_columns([c["item_id"] for c in cs], [c["label"] for c in cs], [c["ts"] for c in cs],
-                                         [c["surface"] for c in cs], [qtext.get(c.get("query_id")) for c in cs],
-                                         learner.table, mc, query_vectors=learner.query_vectors))
+            held.append(Example(u, *cols, 1))
+            cols = tuple(col[:-1] for col in cols)
+        hist.append(history_from_columns(*cols, learner.table, mc, query_vectors=learner.query_vectors))
     # the held-out clicks' windows, built once: their items all have rows by now
     lists = [w for e in held for w in learner._windows(learner._history(learner._needed(e)), 1)]
     score = (lambda: learner.evaluate(lists).means()["ndcg@10"]) if lists else (lambda: float(tr.steps))
@@ -222,10 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             for g, part in groups.items():        # both arms: the batch scored before any step,
                 if part:                          # users with a head history and the others apart
-                    learner.process(part, train=False, fuse=False)
-                    slices[name][g].merge(learner.since["eval"])
-                    sums[name].merge(learner.since["eval"])
-                    learner.published()           # per-call sums, merged above
+                    score_into(learner, part, slices[name][g], sums[name])
             if train:
                 learner.process(ex, evaluate=False, fuse=False)
             secs[name] += time.perf_counter() - t
