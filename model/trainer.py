@@ -193,9 +193,10 @@ class Trainer:
                 inspect(h.detach(), items.detach(), scored)
         return out
 
-    def step(self, batch: dict, inspect: Callable | None = None) -> dict[str, float]:
+    def step(self, batch: dict, inspect: Callable | None = None, lr_mult: float = 1.0) -> dict[str, float]:
         """One optimiser update on `batch`; returns the logged losses and weights
-        (`inspect`: see `losses`)."""
+        (`inspect`: see `losses`). `lr_mult` scales this step's learning rate (the online
+        learner's steps short of new windows, model/online.py)."""
         self.model.train()
         t = batch["rec_target"].reshape(-1)
         self.item_counts += torch.bincount(t[t > 0], minlength=len(self.item_counts)).float()
@@ -209,7 +210,7 @@ class Trainer:
             loss = out["retrieval"]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        scale = self.lr_scale()
+        scale = self.lr_scale() * lr_mult
         for g in self.opt.param_groups:
             g["lr"] = self.cfg.lr * g["lr_mult"] * scale
         # pre-clipping norm (the publish gate watches its maximum); inf = measure, do not clip

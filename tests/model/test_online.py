@@ -112,10 +112,10 @@ def spy_steps(lr, monkeypatch, before_step):
     monkeypatch.setattr(online, "collate", lambda lists: collated.append(list(lists)) or real_collate(lists))
     step, n_replay = lr.trainer.step, round(lr.trainer.cfg.batch_size * lr.cfg.replay_fraction)
 
-    def spied(batch, inspect=None):
+    def spied(batch, inspect=None, lr_mult=1.0):
         lists = collated[-1]
         before_step(lists[: len(lists) - min(n_replay, len(lr.buffer))], len(lists))
-        return step(batch, inspect=inspect)
+        return step(batch, inspect=inspect, lr_mult=lr_mult)
     monkeypatch.setattr(lr.trainer, "step", spied)
 
 
@@ -223,6 +223,27 @@ def test_replay_buffer_is_bounded_and_mixed_into_steps():
     for s in range(3):
         lr.process(cyclic_batch(s))
     assert len(lr.buffer) == 5
+
+
+def moved(a, b) -> float:
+    """How far the transformer blocks' weights of model `a` are from model `b`'s."""
+    return float(sum((pa.detach() - pb.detach()).norm() ** 2
+                     for pa, pb in zip(a.blocks.parameters(), b.blocks.parameters())) ** 0.5)
+
+
+def test_steps_short_of_new_windows_take_a_proportionally_smaller_learning_rate():
+    # batch_size 8, no replay: a step holds up to 8 new windows
+    tc = dataclasses.replace(TC, warmup_steps=1, lr_decay="none")
+    make = lambda: OnlineLearner.fresh(MC, tc, OnlineConfig(item_capacity=4, replay_buffer=0, lr_decay_steps=0),
+                                       pieces_of=lambda i: [int(i) % 90 + 1])
+    whole, cut = make(), make()
+    users = cyclic_batch(0, users=8, length=6)           # one window each (6 <= max_len): one full step
+    assert whole.process(users)["lr"] == pytest.approx(tc.lr)
+    for k in range(0, 8, 2):                             # the same windows as four micro-batches of two
+        assert cut.process(users[k:k + 2])["lr"] == pytest.approx(tc.lr * 2 / 8)
+    # so the weights travel about as far as in one step over all eight, not four full steps' way
+    init = make().model
+    assert moved(cut.model, init) < 1.5 * moved(whole.model, init)
 
 
 def test_max_steps_per_batch_defers_the_rest_and_counts_it():
