@@ -110,9 +110,9 @@ def run_stage(cfg, batches, pieces, evaluate: bool) -> tuple[dict, OnlineLearner
             return out
         return call
 
-    def recorded_step(b, inspect=None):          # test-then-train scoring rides on the step's forward
-        recorded.append(b)
-        return step(b, inspect=inspect and timed(inspect, "scoring"))
+    def recorded_step(b, inspect=None, lr_mult=1.0):  # test-then-train scoring rides on the step's forward
+        recorded.append((b, lr_mult))
+        return step(b, inspect=inspect and timed(inspect, "scoring"), lr_mult=lr_mult)
 
     learner.trainer.step = timed(recorded_step, "steps")
     learner.process = timed(process, "learner")
@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         train_only, learner2, _ = run_stage(cfg, batches, pieces, evaluate=False)
         bare = copy.deepcopy(learner2.trainer)
         t, cpu = time.perf_counter(), time.process_time()
-        for b in recorded:
-            bare.step(b)
+        for b, lr_mult in recorded:
+            bare.step(b, lr_mult=lr_mult)
         runs.append({"bare": time.perf_counter() - t, "bare_cpu": time.process_time() - cpu} | {f"stage_{k}": v for k, v in stage.items()}
                     | {f"train_only_{k}": v for k, v in train_only.items()})
         print(json.dumps({k: round(v, 2) for k, v in runs[-1].items()}), file=sys.stderr, flush=True)
