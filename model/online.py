@@ -67,7 +67,8 @@ batches), a growing `ItemTable` and a replay buffer. Design choices:
   3 seeds) in micro-batches of 50 / 100 / 500 / 2,000 clicks: ratio 1.112 (seeds
   1.09-1.13) / 1.155 / 1.153 / 1.140 before, 1.166 / 1.163 / 1.149 / 1.140 after. At
   100 clicks with the scaling, the kept two passes and floor 0.1 still lead: one pass
-  1.132, three 1.158, floor 0.05 1.144.
+  1.132, three 1.158, floors 0.05 / 0.15 / 0.2 1.144 / 1.161 / 1.158, `replay_fraction`
+  0.5 1.146, a 16,000-window buffer 1.163 (the same).
 * **Forgetting.** Each optimiser step takes `batch_size` windows: new ones and,
   once the buffer has some, a `replay_fraction` share drawn uniformly from a
   bounded FIFO of the most recent `replay_buffer` windows (recent history, not a
