@@ -90,7 +90,7 @@ class Trainer:
         self.steps = 0
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.log: deque[dict] = deque(maxlen=10000)           # recent steps (bounded: online runs forever)
-        self.progress: Callable[[], float] | None = None       # share of the training budget spent (fit sets it)
+        self.progress: Callable[[], float] | None = None       # share of the lr schedule spent (fit, online learners)
         self.floor: float | None = None     # lr floor outside `fit` (online.min_lr_ratio); None: cfg.min_lr_ratio
 
     # ---- learning rate -------------------------------------------------------------------
@@ -291,8 +291,9 @@ class Trainer:
         start, first_step = time.perf_counter(), self.steps
         budgets = [f for f in (cfg.time_budget_s and (lambda: (time.perf_counter() - start) / cfg.time_budget_s),
                                cfg.max_steps and (lambda: (self.steps - first_step) / cfg.max_steps)) if f]
+        schedule = self.progress, self.floor   # the caller's (an online learner's), put back after the fit
         self.progress = (lambda: max(f() for f in budgets)) if budgets else None
-        floor, self.floor = self.floor, None   # a budgeted fit decays to train.min_lr_ratio
+        self.floor = None                      # a budgeted fit decays to train.min_lr_ratio
         token_lists = train_windows(histories, mc.max_len, use_queries=mc.use_queries,   # tokenised once, not per epoch
                                     use_feedback=mc.use_feedback, all_targets=cfg.all_targets,
                                     feedback_tokens=mc.feedback_tokens, use_query_vecs=mc.sentence_encoder)
@@ -320,7 +321,7 @@ class Trainer:
                         break
             if over:
                 break
-        self.progress, self.floor = None, floor   # later calls (online fine-tuning) run at the constant rate
+        self.progress, self.floor = schedule   # later steps run at the schedule they had before the fit
         steps = self.steps
         if best_state is not None:
             # the best weights with the optimiser state that goes with them: training that resumes
