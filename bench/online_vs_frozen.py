@@ -212,7 +212,7 @@ def slice_figures(slices: dict, group: str) -> dict:
     if not fr["eval_events"]:
         return {"ratio": None, "eval_events": 0}
     return {"online_ndcg@10": round(on["ndcg@10"], 4), "frozen_ndcg@10": round(fr["ndcg@10"], 4),
-            "ratio": round(on["ndcg@10"] / max(1e-12, fr["ndcg@10"]), 3), "eval_events": fr["eval_events"]}
+            "ratio": ratio_of(slices["online"][group], slices["frozen"][group]), "eval_events": fr["eval_events"]}
 
 
 def ratio_of(online: EvalSums, frozen: EvalSums) -> float | None:
